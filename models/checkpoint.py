@@ -1,0 +1,177 @@
+"""Hugging Face-layout checkpoints: safetensors only, never pickle.
+
+Reading: single-file `model.safetensors` or sharded with
+`model.safetensors.index.json`. The model is built on the meta device and each
+tensor is assigned straight from the file (cast to the asked dtype), so peak
+memory is one copy of the weights. Every missing, unexpected or wrongly shaped
+tensor is reported by name before anything is assigned.
+
+Writing: config.json, safetensors shards (with an index when more than one),
+the tokenizer files. Everything is written into a temporary sibling folder and
+renamed into place, so a crash mid-write never leaves a half-written checkpoint
+where a complete one is expected.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "generation_config.json",
+    "chat_template.jinja",
+)
+
+
+class CheckpointError(ValueError):
+    """A checkpoint we cannot load; the message names the file and tensor."""
+
+
+def _tensor_files(path: Path) -> dict[str, Path]:
+    """Map each tensor name to the file that holds it."""
+    index = path / INDEX_FILE
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise CheckpointError(f"{index}: malformed index ({e})") from e
+        files = {name: path / shard for name, shard in weight_map.items()}
+        for shard in sorted(set(files.values())):
+            if not shard.is_file():
+                raise CheckpointError(f"{index}: names shard {shard.name}, which does not exist")
+        return files
+    single = path / SINGLE_FILE
+    if single.is_file():
+        return {name: single for name in _keys(single)}
+    pickled = [p.name for p in path.glob("*.bin")] + [p.name for p in path.glob("*.pt")]
+    hint = f" (found {', '.join(pickled)}: pickle files are never loaded; convert them to safetensors)" if pickled else ""
+    raise CheckpointError(f"{path}: no {SINGLE_FILE} or {INDEX_FILE}{hint}")
+
+
+def _keys(file: Path) -> list[str]:
+    try:
+        with safe_open(str(file), framework="pt") as f:
+            return list(f.keys())
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"{file}: unreadable safetensors file ({e}); is it truncated?") from e
+
+
+def read_tensors(
+    path: str | Path,
+    expected: dict[str, tuple[torch.Size, torch.dtype]],
+    optional: set[str] = frozenset(),
+    dtype: torch.dtype | None = None,
+    device: str | torch.device = "cpu",
+):
+    """Yield (name, tensor) for every expected tensor, after checking names and shapes.
+
+    expected: name -> (shape, dtype the model wants when `dtype` is None).
+    optional: names that may be absent (e.g. `lm_head.weight` with tied embeddings).
+    """
+    path = Path(path)
+    files = _tensor_files(path)
+    missing = sorted(set(expected) - set(files) - set(optional))
+    unexpected = sorted(set(files) - set(expected))
+    if missing:
+        raise CheckpointError(f"{path}: missing tensors: {', '.join(missing[:10])}" + (" ..." if len(missing) > 10 else ""))
+    if unexpected:
+        raise CheckpointError(f"{path}: unexpected tensors: {', '.join(unexpected[:10])}" + (" ..." if len(unexpected) > 10 else ""))
+    by_file: dict[Path, list[str]] = {}
+    for name in expected:
+        if name in files:
+            by_file.setdefault(files[name], []).append(name)
+    for file, names in by_file.items():
+        try:
+            with safe_open(str(file), framework="pt", device=str(device)) as f:
+                for name in names:
+                    shape = torch.Size(f.get_slice(name).get_shape())
+                    if shape != expected[name][0]:
+                        raise CheckpointError(f"{file.name}: tensor {name} has shape {tuple(shape)}, expected {tuple(expected[name][0])}")
+                for name in names:
+                    t = f.get_tensor(name)
+                    if not (t.is_floating_point()):
+                        raise CheckpointError(f"{file.name}: tensor {name} has dtype {t.dtype}, expected a floating-point tensor")
+                    yield name, t.to(dtype or expected[name][1])
+        except (SafetensorError, OSError) as e:
+            raise CheckpointError(f"{file}: unreadable safetensors file ({e}); is it truncated?") from e
+
+
+def write_checkpoint(
+    path: str | Path,
+    tensors: dict[str, torch.Tensor],
+    config: dict,
+    tokenizer_dir: str | Path | None = None,
+    extra_files: dict[str, str] | None = None,
+    max_shard_bytes: int = 5 * 1024**3,
+) -> Path:
+    """Write an HF-layout checkpoint atomically: temp folder, then rename into place.
+
+    tensors: HF parameter names -> tensors (moved to CPU and made contiguous here).
+    extra_files: file name -> text, written beside the weights (e.g. tokenizer.json).
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    try:
+        shards: list[dict[str, torch.Tensor]] = [{}]
+        size = 0
+        for name, t in tensors.items():
+            nbytes = t.numel() * t.element_size()
+            if shards[-1] and size + nbytes > max_shard_bytes:
+                shards.append({})
+                size = 0
+            shards[-1][name] = t.detach().to("cpu").contiguous()
+            size += nbytes
+        if len(shards) == 1:
+            save_file(shards[0], str(tmp / SINGLE_FILE), metadata={"format": "pt"})
+        else:
+            weight_map = {}
+            for i, shard in enumerate(shards):
+                fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+                save_file(shard, str(tmp / fname), metadata={"format": "pt"})
+                weight_map.update({name: fname for name in shard})
+            total = sum(t.numel() * t.element_size() for t in tensors.values())
+            (tmp / INDEX_FILE).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
+        if tokenizer_dir is not None:
+            for fname in TOKENIZER_FILES:
+                src = Path(tokenizer_dir) / fname
+                if src.is_file():
+                    shutil.copyfile(src, tmp / fname)
+        for fname, text in (extra_files or {}).items():
+            (tmp / fname).write_text(text, encoding="utf-8")
+        _fsync_dir(tmp)
+        _replace_dir(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return path
+
+
+def _fsync_dir(folder: Path) -> None:
+    for p in folder.iterdir():
+        with open(p, "rb") as f:
+            os.fsync(f.fileno())
+
+
+def _replace_dir(src: Path, dst: Path) -> None:
+    """Move a finished folder into place; an existing one is moved aside first and removed last."""
+    if dst.exists():
+        old = dst.with_name(f".{dst.name}.old-{os.getpid()}")
+        os.replace(dst, old)
+        os.replace(src, dst)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(src, dst)
