@@ -1,0 +1,100 @@
+"""KV-cache generation against full forwards, which are obviously right."""
+
+import pytest
+import torch
+
+import models
+from models.generate import SamplingParams, generate, sample_tokens
+from tiny_models import write_hf_checkpoint
+
+EOS = 2
+
+
+@pytest.fixture(scope="module", params=["llama3-untied", "qwen2-tied", "qwen3-tied"])
+def model(request, tmp_path_factory):
+    path = write_hf_checkpoint(request.param, tmp_path_factory.mktemp(request.param) / "ckpt")
+    return models.load_pretrained(path)
+
+
+def _prompts(vocab, lengths, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(3, vocab, (n,), generator=g).tolist() for n in lengths]
+
+
+def test_greedy_cache_decode_equals_repeated_full_forward(model):
+    prompts = _prompts(model.config.vocab_size, [5, 12, 1, 8])
+    out = generate(model, prompts, SamplingParams(max_new_tokens=16, temperature=0), stop_token_ids=[EOS], pad_id=0)
+    for b, prompt in enumerate(prompts):
+        seq = list(prompt)
+        for _ in range(16):
+            with torch.no_grad():
+                nxt = int(model(torch.tensor([seq]))[0, -1].argmax())
+            seq.append(nxt)
+            if nxt == EOS:
+                break
+        assert out.tokens[b][out.mask[b]].tolist() == seq[len(prompt):]
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_logprobs_equal_teacher_forced_forward(model, temperature):
+    prompts = _prompts(model.config.vocab_size, [6, 3, 10], seed=1)
+    G = 3
+    g = torch.Generator().manual_seed(5)
+    out = generate(model, prompts, SamplingParams(max_new_tokens=12, temperature=temperature, num_samples=G), [EOS], 0, generator=g)
+    assert out.tokens.shape[0] == len(prompts) * G
+    assert out.prompt_index.tolist() == [b for b in range(len(prompts)) for _ in range(G)]
+    for r in range(out.tokens.shape[0]):
+        prompt = prompts[r // G]
+        gen = out.tokens[r][out.mask[r]]
+        with torch.no_grad():
+            logits = model(torch.tensor([prompt + gen.tolist()]))[0, len(prompt) - 1 : -1] / temperature
+        expected = torch.log_softmax(logits, -1).gather(-1, gen[:, None])[:, 0]
+        assert (out.logprobs[r][out.mask[r]] - expected).abs().max().item() <= 1e-4
+        assert (out.logprobs[r][~out.mask[r]] == 0).all()
+
+
+def test_rows_stop_at_a_stop_token_and_are_padded_after(model):
+    prompts = _prompts(model.config.vocab_size, [4, 9], seed=2)
+    params = SamplingParams(max_new_tokens=10, temperature=0)
+    free = generate(model, prompts, params, stop_token_ids=[], pad_id=0)
+    stop = int(free.tokens[0, 3])  # row 0 must now stop after its 4th token
+    out = generate(model, prompts, params, stop_token_ids=[stop], pad_id=0)
+    first = free.tokens[0].tolist().index(stop)
+    assert out.mask[0].tolist() == [True] * (first + 1) + [False] * (out.mask.shape[1] - first - 1)
+    assert out.finished[0] and (out.tokens[0, first + 1 :] == 0).all()
+    for r in range(out.tokens.shape[0]):
+        m = out.mask[r].tolist()
+        n = sum(m)
+        assert m == [True] * n + [False] * (len(m) - n), "mask must be a prefix"
+        assert out.tokens[r, :n].tolist() == free.tokens[r, :n].tolist()
+        assert out.finished[r] == (stop in out.tokens[r, :n].tolist())
+
+
+def test_stop_strings_cut_the_completion():
+    vocab = [str(i) for i in range(50)]
+    decode = lambda ids: " ".join(vocab[i] for i in ids)  # noqa: E731
+    # Stop strings are checked on the text: the cut keeps the token that completes it.
+    from models.generate import _apply_stop_strings
+
+    tokens = torch.tensor([[5, 7, 9, 11], [1, 2, 3, 4], [7, 9, 0, 0]])
+    mask = torch.tensor([[1, 1, 1, 1], [1, 1, 1, 1], [1, 1, 0, 0]], dtype=torch.bool)
+    logprobs = torch.randn(3, 4).masked_fill(~mask, 0.0)
+    finished = torch.tensor([False, False, True])
+    _apply_stop_strings(tokens, mask, logprobs, finished, 4, ("7 9",), decode, pad_id=0)
+    assert tokens[0].tolist() == [5, 7, 9, 0] and mask[0].tolist() == [True, True, True, False]
+    assert finished.tolist() == [True, False, True]
+    assert mask[1].all() and tokens[1].tolist() == [1, 2, 3, 4]
+
+
+def test_sampler_frequencies_follow_filtered_distribution():
+    torch.manual_seed(0)
+    logits = torch.tensor([[2.0, 1.0, 0.5, -1.0, -3.0]]).repeat(20000, 1)
+    g = torch.Generator().manual_seed(0)
+    counts = torch.bincount(sample_tokens(logits, 1.0, generator=g), minlength=5).float() / 20000
+    assert (counts - logits[0].softmax(-1)).abs().max() < 0.015
+    top2 = torch.bincount(sample_tokens(logits, 1.0, top_k=2, generator=g), minlength=5).float() / 20000
+    assert top2[2:].sum() == 0 and (top2[:2] - logits[0, :2].softmax(-1)).abs().max() < 0.015
+    # top_p=0.8: cumulative mass of ranks above {0: 0, 1: .63, 2: .86}: keeps tokens 0 and 1 only.
+    topp = torch.bincount(sample_tokens(logits, 1.0, top_p=0.8, generator=g), minlength=5).float() / 20000
+    assert topp[2:].sum() == 0 and topp[1] > 0.2
+    assert (sample_tokens(logits[:3], 0.0) == 0).all()
