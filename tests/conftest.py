@@ -2,11 +2,13 @@
 
 import os
 
-# Must be set before triton is imported anywhere.
-os.environ.setdefault("TRITON_INTERPRET", "1")
-
 import pytest
 import torch
+
+# Without a GPU the Triton kernels run in Triton's CPU interpreter. This must be
+# set before triton is imported (importing torch does not import it).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 def pytest_collection_modifyitems(config, items):

@@ -1,0 +1,258 @@
+"""LM head + selective log-probs / GTA loss in row chunks: hidden [N, D], weight [V, D], no [N, V].
+
+Math: logits = hidden @ weight.T / T (no bias), then as `kernels.selective_logprobs` and
+`kernels.gta_loss`. Rows are processed C at a time: the chunk's logits [C, V] are made by a torch
+matmul in the hidden dtype, fed to the selective-logprobs kernels, and freed.
+
+fused_linear_gta_loss: the loss is a scalar and, once the per-row weights (row counts per kind
+and per sequence) are known, which they are before the loop, dL/dlogp_i depends on row i alone.
+So the forward computes the gradient as it goes: per chunk, forward kernel -> logp_c ->
+dL/dlogp_c (autograd on the [C] vector, through the same `gta_row_losses` as the unfused loss)
+-> backward kernel writes dL/dlogits_c over logits_c in place -> grad_hidden_c = dlogits_c @ W and
+grad_weight += dlogits_c^T @ hidden_c. The backward only scales the saved grads by the scalar
+grad_output. Three matmuls of 2*C*V*D FLOPs per chunk, like the unfused forward + backward;
+each chunk's logits are written once, read twice and overwritten once.
+
+fused_linear_logprobs: the output is a vector [N] and its grad_output, unknown in the forward, is
+per row. The forward keeps only lse [N]; the backward recomputes each chunk's logits (a fourth
+matmul) and runs the backward kernel with the incoming dL/dlogp.
+
+Chunk size: C ~ N*D/V rows, so the transient chunk logits are about the size of hidden [N, D];
+at least 256 rows (smaller matmuls underuse the tensor cores) and at most N; `chunk_size`
+overrides it. Memory: grad_weight is accumulated in fp32 by default, 4*V*D bytes held from the
+forward to the backward (2.2 GB for V=151936, D=3584). fp32_grad_weight=False accumulates in the
+weight dtype instead (2*V*D bytes for bf16, rounded once per chunk). In fp32 mode each chunk's
+product is rounded to the weight dtype once before the fp32 sum, so the error does not grow with
+the number of chunks (it costs a transient [V, D] product per chunk; CUDA's fp32-output matmul
+would avoid it but has no CPU kernel). grad_hidden [N, D] is in the hidden dtype.
+"""
+
+from typing import NamedTuple
+
+import torch
+
+from kernels.gta_loss import IGNORE, gta_loss_reference, gta_row_losses, gta_row_weights
+from kernels.selective_logprobs import (
+    _new_output,
+    _rows_backward,
+    _rows_forward,
+    selective_logprobs_reference,
+    triton_runs_on,
+)
+
+MIN_CHUNK_ROWS = 256
+STAT_NAMES = ("ratio", "clipped", "kl", "entropy", "logprobs")
+
+
+class FusedGTALoss(NamedTuple):
+    loss: torch.Tensor  # scalar, differentiable: lambda_sft * sft_loss + lambda_rl * rl_loss
+    sft_loss: torch.Tensor  # scalar, detached
+    rl_loss: torch.Tensor  # scalar, detached
+    stats: dict[str, torch.Tensor]  # [N] each, detached, as GTALoss.stats
+
+
+def fused_linear_logprobs_reference(hidden, weight, targets, temperature=1.0, mask=None) -> torch.Tensor:
+    """Plain matmul then `selective_logprobs_reference`; materialises [N, V]."""
+    return selective_logprobs_reference(hidden @ weight.T, targets, temperature, mask).logprobs
+
+
+def fused_linear_gta_loss_reference(hidden, weight, targets, row_kind, old_logprobs, advantages,
+                                   ref_logprobs=None, *, lambda_sft=1.0, lambda_rl=1.0, **kwargs) -> FusedGTALoss:
+    """Plain matmul then `gta_loss_reference`; materialises [N, V]."""
+    sft_loss, rl_loss, stats = gta_loss_reference(
+        hidden @ weight.T, targets, row_kind, old_logprobs, advantages, ref_logprobs, **kwargs
+    )
+    loss = lambda_sft * sft_loss + lambda_rl * rl_loss
+    return FusedGTALoss(loss, sft_loss.detach(), rl_loss.detach(), stats)
+
+
+def default_chunk_size(N: int, V: int, D: int) -> int:
+    """Rows per chunk: chunk logits [C, V] about as big as hidden [N, D], within [256, N]."""
+    return max(1, min(N, max(MIN_CHUNK_ROWS, -(-N * D // V))))
+
+
+def _new_grads(hidden, weight, need_hidden, need_weight, fp32_grad_weight):
+    grad_hidden = torch.empty(hidden.shape, dtype=hidden.dtype, device=hidden.device) if need_hidden else None
+    grad_weight = None
+    if need_weight:
+        dtype = torch.float32 if fp32_grad_weight else weight.dtype
+        grad_weight = torch.zeros(weight.shape, dtype=dtype, device=weight.device)
+    return grad_hidden, grad_weight
+
+
+def _accumulate_grads(dlogits, hidden_chunk, weight, grad_hidden_chunk, grad_weight):
+    if grad_hidden_chunk is not None:
+        torch.mm(dlogits, weight, out=grad_hidden_chunk)  # [C, V] @ [V, D]
+    if grad_weight is not None:
+        if grad_weight.dtype == dlogits.dtype:
+            grad_weight.addmm_(dlogits.T, hidden_chunk)  # [V, C] @ [C, D]
+        else:
+            grad_weight += dlogits.T @ hidden_chunk
+
+
+def _check_shapes(hidden, weight, targets):
+    N, D = hidden.shape if hidden.dim() == 2 else (-1, -1)
+    if weight.dim() != 2 or weight.shape[1] != D or targets.shape != (N,):
+        raise ValueError(f"expected hidden [N, D], weight [V, D], targets [N]; got {hidden.shape}, "
+                         f"{weight.shape}, {targets.shape}")
+
+
+class _FusedLinearLogProbs(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, mask, temperature, chunk_size, fp32_grad_weight):
+        N = hidden.shape[0]
+        logprobs = _new_output((N,), torch.float32, hidden.device)
+        lse = _new_output((N,), torch.float32, hidden.device)
+        for start in range(0, N, chunk_size):
+            rows = slice(start, min(start + chunk_size, N))
+            logits = hidden[rows] @ weight.T  # [C, V]
+            chunk_mask = None if mask is None else mask[rows]
+            logprobs[rows], lse[rows], _ = _rows_forward(logits, targets[rows], chunk_mask, temperature, False)
+            del logits  # before the next chunk's matmul: one chunk of logits alive at a time
+        ctx.save_for_backward(hidden, weight, targets, mask, lse)
+        ctx.temperature, ctx.chunk_size, ctx.fp32_grad_weight = temperature, chunk_size, fp32_grad_weight
+        return logprobs
+
+    @staticmethod
+    def backward(ctx, dlogprobs):
+        hidden, weight, targets, mask, lse = ctx.saved_tensors
+        need_hidden, need_weight = ctx.needs_input_grad[:2]
+        grad_hidden, grad_weight = _new_grads(hidden, weight, need_hidden, need_weight, ctx.fp32_grad_weight)
+        N, chunk_size = hidden.shape[0], ctx.chunk_size
+        for start in range(0, N, chunk_size):
+            rows = slice(start, min(start + chunk_size, N))
+            logits = hidden[rows] @ weight.T  # [C, V], recomputed
+            chunk_mask = None if mask is None else mask[rows]
+            _rows_backward(logits, targets[rows], chunk_mask, lse[rows], dlogprobs[rows], ctx.temperature, logits)
+            _accumulate_grads(logits, hidden[rows], weight,
+                              None if grad_hidden is None else grad_hidden[rows], grad_weight)
+            del logits
+        if grad_weight is not None:
+            grad_weight = grad_weight.to(weight.dtype)
+        return grad_hidden, grad_weight, None, None, None, None, None
+
+
+class _FusedLinearGTALoss(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, row_kind, old_logprobs, advantages, ref_logprobs,
+                sft_weight, rl_weight, scalars, chunk_size, fp32_grad_weight, grad_enabled):
+        eps_low, eps_high, beta, temperature, lambda_sft, lambda_rl = scalars
+        N, device = hidden.shape[0], hidden.device
+        # needs_input_grad ignores torch.no_grad(): without the flag, evaluation would pay for grads.
+        need_hidden, need_weight = (grad_enabled and need for need in ctx.needs_input_grad[:2])
+        grad_hidden, grad_weight = _new_grads(hidden, weight, need_hidden, need_weight, fp32_grad_weight)
+        mask = row_kind != IGNORE
+        sft_loss = torch.zeros((), device=device)
+        rl_loss = torch.zeros((), device=device)
+        stats = {name: _new_output((N,), torch.float32, device) for name in STAT_NAMES if name != "clipped"}
+        stats["clipped"] = torch.zeros(N, dtype=torch.bool, device=device)
+        for start in range(0, N, chunk_size):
+            rows = slice(start, min(start + chunk_size, N))
+            logits = hidden[rows] @ weight.T  # [C, V]
+            logprobs, lse, entropy = _rows_forward(logits, targets[rows], mask[rows], temperature, True)
+            logprobs.requires_grad_()
+            with torch.enable_grad():  # autograd on the [C] vector only: dL/dlogp for this chunk
+                chunk_sft, chunk_rl, token = gta_row_losses(
+                    logprobs, row_kind[rows], old_logprobs[rows], advantages[rows],
+                    None if ref_logprobs is None else ref_logprobs[rows],
+                    sft_weight[rows], rl_weight[rows], eps_low, eps_high, beta,
+                )
+                (dlogprobs,) = torch.autograd.grad(lambda_sft * chunk_sft + lambda_rl * chunk_rl, logprobs)
+            sft_loss += chunk_sft.detach()
+            rl_loss += chunk_rl.detach()
+            for name, value in (("ratio", token.ratio), ("kl", token.kl), ("clipped", token.clipped),
+                                ("entropy", entropy), ("logprobs", logprobs)):
+                stats[name][rows] = value.detach()
+            if grad_hidden is not None or grad_weight is not None:
+                _rows_backward(logits, targets[rows], mask[rows], lse, dlogprobs, temperature, logits)
+                _accumulate_grads(logits, hidden[rows], weight,
+                                  None if grad_hidden is None else grad_hidden[rows], grad_weight)
+            del logits
+        ctx.save_for_backward(grad_hidden, grad_weight)
+        ctx.weight_dtype = weight.dtype
+        stats = [stats[name] for name in STAT_NAMES]
+        ctx.mark_non_differentiable(sft_loss, rl_loss, *stats)
+        loss = lambda_sft * sft_loss + lambda_rl * rl_loss
+        return loss, sft_loss, rl_loss, *stats
+
+    @staticmethod
+    def backward(ctx, dloss, *_):
+        grad_hidden, grad_weight = ctx.saved_tensors
+        if grad_hidden is not None:
+            grad_hidden = grad_hidden * dloss
+        if grad_weight is not None:
+            grad_weight = (grad_weight * dloss).to(ctx.weight_dtype)
+        return (grad_hidden, grad_weight) + (None,) * 11
+
+
+def fused_linear_logprobs(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    temperature: float = 1.0,
+    mask: torch.Tensor | None = None,
+    chunk_size: int | None = None,
+    *,
+    fp32_grad_weight: bool = True,
+) -> torch.Tensor:
+    """log softmax(hidden @ weight.T / T)[targets] as a differentiable [N] fp32 tensor.
+
+    hidden [N, D], weight [V, D] in the same dtype (tied or not: grads go to the tensor passed),
+    targets [N] long, mask [N] bool (None = all rows; masked rows give 0 and zero gradient).
+    The backward recomputes each chunk's logits (see the module docstring).
+    """
+    _check_shapes(hidden, weight, targets)
+    if not triton_runs_on(hidden):
+        return fused_linear_logprobs_reference(hidden, weight, targets, temperature, mask)
+    N, D = hidden.shape
+    chunk_size = chunk_size or default_chunk_size(N, weight.shape[0], D)
+    mask = None if mask is None else mask.bool().contiguous()
+    return _FusedLinearLogProbs.apply(hidden, weight, targets.contiguous(), mask, float(temperature),
+                                      chunk_size, fp32_grad_weight)
+
+
+def fused_linear_gta_loss(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    row_kind: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    advantages: torch.Tensor,
+    ref_logprobs: torch.Tensor | None = None,
+    *,
+    lambda_sft: float = 1.0,
+    lambda_rl: float = 1.0,
+    eps_low: float = 0.2,
+    eps_high: float = 0.2,
+    beta: float = 0.0,
+    temperature: float = 1.0,
+    agg: str = "token_mean",
+    seq_ids: torch.Tensor | None = None,
+    loss_normalizer: float | None = None,
+    chunk_size: int | None = None,
+    fp32_grad_weight: bool = True,
+) -> FusedGTALoss:
+    """lambda_sft * L_SFT + lambda_rl * L_RL from hidden [N, D] and weight [V, D], no [N, V].
+
+    Per-row inputs and scalars as `kernels.gta_loss`. Returns FusedGTALoss(loss, sft_loss, rl_loss,
+    stats): only `loss` is differentiable (to hidden and weight); the gradient is computed in the
+    forward pass, so a backward through `loss` is cheap. To keep g_sft and g_rl apart, call this
+    twice (e.g. lambda_rl=0 on the SFT rows, lambda_sft=0 on the rollouts).
+    """
+    kwargs = dict(eps_low=eps_low, eps_high=eps_high, beta=beta, temperature=temperature, agg=agg,
+                  seq_ids=seq_ids, loss_normalizer=loss_normalizer)
+    _check_shapes(hidden, weight, targets)
+    if not triton_runs_on(hidden):
+        return fused_linear_gta_loss_reference(hidden, weight, targets, row_kind, old_logprobs, advantages,
+                                               ref_logprobs, lambda_sft=lambda_sft, lambda_rl=lambda_rl, **kwargs)
+    if beta != 0.0 and ref_logprobs is None:
+        raise ValueError("beta != 0 needs ref_logprobs")
+    N, D = hidden.shape
+    chunk_size = chunk_size or default_chunk_size(N, weight.shape[0], D)
+    sft_weight, rl_weight = gta_row_weights(row_kind, agg, seq_ids, loss_normalizer)
+    scalars = (eps_low, eps_high, beta, float(temperature), lambda_sft, lambda_rl)
+    loss, sft_loss, rl_loss, *stats = _FusedLinearGTALoss.apply(
+        hidden, weight, targets.contiguous(), row_kind, old_logprobs, advantages, ref_logprobs,
+        sft_weight, rl_weight, scalars, chunk_size, fp32_grad_weight, torch.is_grad_enabled(),
+    )
+    return FusedGTALoss(loss, sft_loss, rl_loss, dict(zip(STAT_NAMES, stats)))
