@@ -61,6 +61,7 @@ def save_pretrained(
     path: str | Path,
     tokenizer_dir: str | Path | None = None,
     max_shard_bytes: int = 5 * 1024**3,
+    write_extra=None,
 ) -> Path:
     """Write `model` as an HF-layout checkpoint that `transformers` and vLLM load.
 
@@ -72,7 +73,7 @@ def save_pretrained(
         tensors.pop("lm_head.weight", None)
     dtype = next(iter(tensors.values())).dtype
     dtype_name = {v: k for k, v in _DTYPES.items()}.get(dtype, "float32")
-    return write_checkpoint(path, tensors, model.config.to_dict(dtype=dtype_name), tokenizer_dir, max_shard_bytes=max_shard_bytes)
+    return write_checkpoint(path, tensors, model.config.to_dict(dtype=dtype_name), tokenizer_dir, max_shard_bytes=max_shard_bytes, write_extra=write_extra)
 
 
 __all__ = [

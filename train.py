@@ -1,0 +1,271 @@
+"""Guess-Think-Answer training: `python train.py ...` on one device, `torchrun train.py ...` on many.
+
+The loop, per step:
+    rollout (KV cache, G samples per prompt) -> rewards -> group advantages
+    -> reference log-probs (beta > 0) and old log-probs (mu > 1)
+    -> for each of mu updates: SFT backward -> g_sft; RL backward -> g_rl
+       -> gradient constraint -> clip -> AdamW step
+    -> log metrics, evaluate, checkpoint
+
+Modes: gta (guess by SFT, think/answer by RL), grpo (RL only), sft (label by
+cross-entropy only). See ../shared/GTA.md for the method; `--help` for the flags.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import resource
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+
+import models
+from gtacore.checkpointing import checkpoint_dir, latest_checkpoint, load_trainer_state, save_checkpoint
+from gtacore.config import Config, parse_config
+from gtacore.data import BatchSampler
+from gtacore.distributed import DistInfo, all_reduce_grads_, all_reduce_mean, assert_replicas_identical, init_distributed, shutdown
+from gtacore.evaluate import evaluate
+from gtacore.loading import load_dataset_from_args
+from gtacore.metrics import format_table
+from gtacore.policy import packed_logprobs, packed_loss
+from gtacore.progress import Progress
+from gtacore.projection import apply_gradient_constraint
+from gtacore.rollout import make_prompts, rl_batch, sample_rollouts, sft_batch
+from models.default_model import default_model_dir
+from models.generate import SamplingParams
+from models.tokenizer import Tokenizer
+
+
+def lr_at(step: int, cfg: Config) -> float:
+    o = cfg.optim
+    if step < o.warmup_steps:
+        return o.lr * (step + 1) / o.warmup_steps
+    if o.schedule == "cosine":
+        progress = (step - o.warmup_steps) / max(1, o.max_steps - o.warmup_steps)
+        return o.lr * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+    return o.lr
+
+
+def peak_memory_gb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 1e9
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # KiB on Linux
+
+
+def step_generator(cfg: Config, step: int, info: DistInfo) -> torch.Generator:
+    """Sampling randomness derived from (seed, step, rank): resuming needs no RNG state."""
+    g = torch.Generator(device=info.device)
+    g.manual_seed(cfg.run.seed * 1_000_003 + step * 1_009 + info.rank)
+    return g
+
+
+def train_step(cfg: Config, step: int, policy, ref_model, tok, prompts, labels, optimizer, info: DistInfo) -> dict:
+    """One batch of rollouts and `num_iterations` optimizer updates; returns the step's metrics."""
+    L, R = cfg.loss, cfg.rollout
+    params = [p for p in policy.parameters() if p.requires_grad]
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if info.device.type == "cuda" else nullcontext()
+    times, m = {}, {}
+
+    t0 = time.perf_counter()
+    ro = None
+    if L.mode != "sft":
+        sampling = SamplingParams(max_new_tokens=R.max_new_tokens, temperature=R.temperature, top_p=R.top_p, num_samples=R.group_size)
+        policy.eval()
+        with autocast:
+            ro = sample_rollouts(policy, tok, prompts, labels, L.mode, sampling, step_generator(cfg, step, info),
+                                 L.w_format, L.w_acc, L.scale_std)
+        policy.train()
+    times["rollout"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    rl = rl_batch(prompts, ro, R.group_size, info.device) if ro is not None else None
+    sft = sft_batch(tok, prompts, L.mode, info.device) if L.mode in ("gta", "sft") else None
+    if rl is not None and rl.num_loss_rows == 0:
+        rl = None
+    ref_lp = old_lp = None
+    with autocast:
+        if rl is not None and L.beta > 0:
+            ref_lp = packed_logprobs(ref_model, ref_model.lm_head.weight, rl, R.temperature)
+        if rl is not None and L.num_iterations > 1:
+            old_lp = packed_logprobs(policy, policy.lm_head.weight, rl, R.temperature)
+    times["ref_old_logprobs"] = time.perf_counter() - t0
+
+    normalizer = L.loss_normalizer or R.batch_size * R.group_size * R.max_new_tokens
+    times["sft"] = times["rl"] = times["constraint"] = times["optimizer"] = 0.0
+    for _ in range(L.num_iterations):
+        for p in params:
+            p.grad = None
+        t0 = time.perf_counter()
+        sft_grads = None
+        if sft is not None:
+            with autocast:
+                out = packed_loss(policy, policy.lm_head.weight, sft, None, None, L, 1.0)
+            out.loss.backward()
+            sft_grads = [p.grad for p in params]
+            all_reduce_grads_(sft_grads, info)
+            m["sft_loss"] = out.sft_loss
+            for p in params:
+                p.grad = None
+        times["sft"] += time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        rl_grads = None
+        if rl is not None:
+            with autocast:
+                out = packed_loss(policy, policy.lm_head.weight, rl, old_lp, ref_lp, L, R.temperature, normalizer)
+            out.loss.backward()
+            rl_grads = [p.grad for p in params]
+            all_reduce_grads_(rl_grads, info)
+            s = out.stats
+            m.update(rl_loss=out.rl_loss, kl=s["kl"].mean(), clip_fraction=s["clipped"].float().mean(), entropy=s["entropy"].mean())
+        times["rl"] += time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        if sft_grads is not None and rl_grads is not None:
+            cs = apply_gradient_constraint(params, sft_grads, rl_grads, L.constraint, L.granularity)
+            m.update(grad_cosine=cs.cosine, conflict_fraction=cs.conflict_fraction_params)
+        else:
+            for p, g in zip(params, sft_grads or rl_grads):
+                p.grad = g
+        times["constraint"] += time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        if cfg.optim.max_grad_norm > 0:
+            m["grad_norm"] = torch.nn.utils.clip_grad_norm_(params, cfg.optim.max_grad_norm)
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(step, cfg)
+        optimizer.step()
+        times["optimizer"] += time.perf_counter() - t0
+
+    if ro is not None:
+        golds = [prompts[r // R.group_size].example.label for r in range(len(ro.parsed))]
+        m.update(
+            reward_mean=ro.rewards.mean(),
+            reward_std=ro.rewards.std() if len(ro.rewards) > 1 else torch.tensor(0.0),
+            format_rate=sum(p.format_ok for p in ro.parsed) / len(ro.parsed),
+            train_accuracy=sum(p.answer == y for p, y in zip(ro.parsed, golds)) / len(golds),
+            completion_length=ro.num_tokens / len(ro.parsed),
+            rollout_tokens_per_s=ro.num_tokens / max(times["rollout"], 1e-9),
+        )
+        if L.mode == "gta":
+            m["guess_accuracy"] = sum(p.guess == y for p, y in zip(ro.parsed, golds)) / len(golds)
+    # One host sync per step, at the logging point; then average over ranks.
+    names = sorted(m)
+    values = all_reduce_mean(torch.tensor([float(m[k]) for k in names], dtype=torch.float64), info)
+    out = dict(zip(names, values.tolist()))
+    out.update({f"time_{k}": v for k, v in times.items()}, lr=lr_at(step, cfg), peak_memory_gb=peak_memory_gb(info.device))
+    return out
+
+
+def main(argv=None) -> None:
+    cfg = parse_config(argv, description=__doc__)
+    info = init_distributed(cfg.run.device)
+    try:
+        run(cfg, info)
+    finally:
+        shutdown(info)
+
+
+def run(cfg: Config, info: DistInfo) -> None:
+    torch.manual_seed(cfg.run.seed)
+    out_dir = Path(cfg.run.output_dir)
+    say = print if info.is_main else (lambda *a, **k: None)
+
+    # --- load ---
+    model_path = Path(cfg.model.model) if cfg.model.model else default_model_dir(verbose=info.is_main)
+    dtype = models.parse_dtype(cfg.model.dtype)
+    resume_from = latest_checkpoint(out_dir) if cfg.run.resume else None
+    if cfg.run.resume and resume_from is None:
+        say(f"--resume: no complete checkpoint in {out_dir}; starting fresh")
+    policy = models.load_pretrained(resume_from or model_path, dtype=dtype, device=info.device).train()
+    ref_model = None
+    if cfg.loss.beta > 0 and cfg.loss.mode != "sft":
+        ref_model = models.load_pretrained(model_path, dtype=dtype, device=info.device).eval().requires_grad_(False)
+    tok = Tokenizer(model_path)
+
+    # --- data ---
+    if cfg.data.data is None:
+        raise SystemExit("train.py: pass --data FILE (a .jsonl/.csv/.tsv/.parquet file with text and label fields)")
+    D = cfg.data
+    train_data, shots = load_dataset_from_args(D.data, D.data, D.recipe, D.text_field, D.label_field, D.labels, D.shots,
+                                               cfg.run.seed, D.skip_unknown_labels)
+    labels = train_data.labels
+    eval_examples = []
+    if D.eval_data:
+        eval_data, _ = load_dataset_from_args(D.eval_data, None, D.recipe, D.text_field, D.label_field, D.labels, 0,
+                                              cfg.run.seed, D.skip_unknown_labels, label_set=labels)
+        eval_examples = eval_data.examples[: D.max_eval_examples or None]
+    sampler = BatchSampler(len(train_data.examples), cfg.rollout.batch_size, cfg.run.seed, info.rank, info.world_size)
+
+    # --- optimizer ---
+    params = [p for p in policy.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay,
+                                  fused=info.device.type == "cuda")
+    start_step = 0
+    if resume_from is not None:
+        state = load_trainer_state(resume_from, optimizer)
+        sampler.load_state_dict(state["sampler"])
+        start_step = state["step"]
+        say(f"resumed from {resume_from} at step {start_step}")
+
+    def run_eval(tag: str, step: int) -> dict | None:
+        if not eval_examples:
+            return None
+        report = evaluate(policy, tok, eval_examples, labels, cfg.loss.mode, shots, cfg.rollout.max_new_tokens,
+                          cfg.rollout.max_prompt_tokens, cfg.run.eval_batch_size, progress=cfg.run.progress and info.is_main)
+        if info.is_main:
+            with open(out_dir / "eval.jsonl", "a") as f:
+                f.write(json.dumps({"step": step, "tag": tag, **{k: v for k, v in report.items() if k != "samples"}}) + "\n")
+        return report
+
+    def save(path: Path, step: int) -> None:
+        assert_replicas_identical(params, info)
+        if info.is_main:
+            state = {"step": step, "sampler": sampler.state_dict(), "config": cfg.to_dict()}
+            save_checkpoint(path, policy, model_path, optimizer, state)
+
+    if info.is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
+    before = run_eval("before", start_step) if start_step == 0 else None
+
+    # --- loop ---
+    bar = Progress(cfg.optim.max_steps - start_step, "train", enabled=cfg.run.progress and info.is_main)
+    for step in range(start_step, cfg.optim.max_steps):
+        t0 = time.perf_counter()
+        examples = [train_data.examples[i] for i in sampler.next_batch()]
+        prompts = make_prompts(tok, examples, labels, cfg.loss.mode, shots, cfg.rollout.max_prompt_tokens)
+        metrics = train_step(cfg, step, policy, ref_model, tok, prompts, labels, optimizer, info)
+        metrics.update(step=step + 1, time_step=time.perf_counter() - t0)
+        if info.is_main:
+            with open(out_dir / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(metrics) + "\n")
+        bar.update(1, **{k: metrics[k] for k in ("reward_mean", "sft_loss", "rl_loss") if k in metrics})
+        done = step + 1
+        if cfg.run.eval_every and done % cfg.run.eval_every == 0 and done < cfg.optim.max_steps:
+            run_eval("periodic", done)
+        if cfg.run.save_every and done % cfg.run.save_every == 0 and done < cfg.optim.max_steps:
+            save(checkpoint_dir(out_dir, done), done)
+    bar.close()
+
+    # --- final ---
+    save(checkpoint_dir(out_dir, cfg.optim.max_steps), cfg.optim.max_steps)
+    if info.is_main:
+        models.save_pretrained(policy, out_dir / "final", tokenizer_dir=model_path)
+    after = run_eval("after", cfg.optim.max_steps)
+    if info.is_main and after is not None:
+        say("\n" + format_table(after))
+        if before is not None:
+            keys = ("accuracy", "weighted_f1", "format_rate", "guess_accuracy")
+            say(f"\n{'metric':<16}{'before':>10}{'after':>10}")
+            for k in keys:
+                if k in after:
+                    say(f"{k:<16}{before.get(k, float('nan')):>10.3f}{after[k]:>10.3f}")
+    say(f"outputs in {out_dir}")
+
+
+if __name__ == "__main__":
+    main()
