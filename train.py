@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import math
+import random
 import resource
 import time
 from contextlib import nullcontext
@@ -197,7 +198,10 @@ def run(cfg: Config, info: DistInfo) -> None:
     if D.eval_data:
         eval_data, _ = load_dataset_from_args(D.eval_data, None, D.recipe, D.text_field, D.label_field, D.labels, 0,
                                               cfg.run.seed, D.skip_unknown_labels, label_set=labels)
-        eval_examples = eval_data.examples[: D.max_eval_examples or None]
+        eval_examples = eval_data.examples
+        if D.max_eval_examples and D.max_eval_examples < len(eval_examples):
+            # A seeded sample, not the file's head, so a small budget still sees every class.
+            eval_examples = random.Random(cfg.run.seed).sample(eval_examples, D.max_eval_examples)
     sampler = BatchSampler(len(train_data.examples), cfg.rollout.batch_size, cfg.run.seed, info.rank, info.world_size)
 
     # --- optimizer ---

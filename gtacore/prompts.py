@@ -136,6 +136,12 @@ def sft_target_ids(
     """
     target = sft_target(label, mode)
     loss_from = 0 if (mode == "sft" or sft_on_open_tag) else len(TAGS["guess"][0])
+    loss_to = len(target)
+    # In gta mode the rollout continues `</guess>` with `<think>`, and BPE often merges
+    # across that boundary (SmolLM2: `></`-style tokens such as `><`). Tokenize the target
+    # with its natural right context, so the SFT loss teaches the tokens the policy
+    # samples; without it the model learns a lone `>` and then ends the turn.
+    target += TAGS["think"][0] if mode == "gta" else ""
     prompt_ids = tokenizer.encode(prompt_text)
     joint, offsets = tokenizer.encode_with_offsets(prompt_text + target)
     n, shift = len(prompt_ids), len(prompt_text)
@@ -146,7 +152,9 @@ def sft_target_ids(
         if tokenizer.decode(prompt_ids + ids) != tokenizer.decode(prompt_ids) + target:
             raise ValueError(f"cannot tokenize the SFT target {target!r} after this prompt: the joint encoding changes "
                              "the prompt's tokens and the separate one changes the target's text")
-    return ids, [b > loss_from for _, b in spans]
+    mask = [b > loss_from and a < loss_to for a, b in spans]
+    keep = max(i for i, m in enumerate(mask) if m) + 1  # drop context tokens past the loss
+    return ids[:keep], mask[:keep]
 
 
 @dataclass(frozen=True)

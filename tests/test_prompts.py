@@ -281,6 +281,12 @@ def test_span_codes_fall_back_to_prefix_decoding(toks):
 # ---------------------------------------------------------------- SFT targets
 
 
+def _assert_target_text(decoded: str, expected: str) -> None:
+    """The SFT ids decode to the target, plus at most the start of `<think>` that BPE merged
+    into the closing tag's last token (the target is tokenized with its right context)."""
+    assert decoded.startswith(expected) and "<think>".startswith(decoded[len(expected):]), (decoded, expected)
+
+
 @pytest.mark.parametrize("name", ["bpe300", "noregex400", "metaspace", "added-think"])
 def test_sft_target_ids_mask_label_and_closing_tag(toks, name):
     tok = toks[name]
@@ -288,13 +294,14 @@ def test_sft_target_ids_mask_label_and_closing_tag(toks, name):
     prompt_ids = tok.encode(prompt_text)
     for label in ("sadness", "surprise", "joy"):
         ids, mask = sft_target_ids(tok, prompt_text, label, "gta")
-        assert tok.decode(prompt_ids + ids) == prompt_text + f"<guess>{label}</guess>"
+        _assert_target_text(tok.decode(prompt_ids + ids), prompt_text + f"<guess>{label}</guess>")
         k = mask.index(True)
         assert all(mask[k:]) and not any(mask[:k])  # one contiguous run to the end
         head, tail = tok.decode(ids[:k]), tok.decode(ids[k:])
         # unmasked tokens are tag only; masked ones are the label and closing tag, plus at most
         # the end of "<guess>" when a token merges it with the label's first characters
-        assert "<guess>".startswith(head) and head + tail == f"<guess>{label}</guess>"
+        assert "<guess>".startswith(head)
+        _assert_target_text(head + tail, f"<guess>{label}</guess>")
         assert len(head) == 7 or not tok.decode(ids[k : k + 1]).startswith(label[:1])
         ids_all, mask_all = sft_target_ids(tok, prompt_text, label, "gta", sft_on_open_tag=True)
         assert ids_all == ids and all(mask_all)
@@ -311,7 +318,8 @@ def test_sft_target_ids_joint_encoding_avoids_prefix_space(toks):
     alone = tok.encode("<guess>joy</guess>")
     assert tok.decode(prompt_ids + alone) != prompt_text + "<guess>joy</guess>"  # "▁<" adds a space
     ids, _ = sft_target_ids(tok, prompt_text, "joy", "gta")
-    assert ids != alone and tok.decode(prompt_ids + ids) == prompt_text + "<guess>joy</guess>"
+    assert ids != alone
+    _assert_target_text(tok.decode(prompt_ids + ids), prompt_text + "<guess>joy</guess>")
 
 
 def test_sft_target_ids_separate_encoding_when_boundary_merges(tmp_path):
@@ -321,7 +329,8 @@ def test_sft_target_ids_separate_encoding_when_boundary_merges(tmp_path):
     prompt_ids = tok.encode(prompt_text)
     assert tok.encode(prompt_text + "<guess>joy</guess>")[: len(prompt_ids)] != prompt_ids  # "\n\n" splits as "\n", "\n"
     ids, mask = sft_target_ids(tok, prompt_text, "joy", "gta")
-    assert ids == tok.encode("<guess>joy</guess>") and tok.decode(ids[mask.index(True) :]) == "joy</guess>"
+    assert ids == tok.encode("<guess>joy</guess><think>")[: len(ids)]
+    _assert_target_text(tok.decode(ids[mask.index(True) :]), "joy</guess>")
 
 
 def test_sft_target_ids_refuses_a_target_it_cannot_place(tmp_path):
@@ -330,3 +339,16 @@ def test_sft_target_ids_refuses_a_target_it_cannot_place(tmp_path):
     prompt_text = tok.apply_chat_template([{"role": "user", "content": "hello"}])
     with pytest.raises(ValueError, match="cannot tokenize the SFT target"):
         sft_target_ids(tok, prompt_text, "joy", "gta")
+
+
+@pytest.mark.parametrize("name", ["bpe300", "noregex400", "metaspace", "added-think"])
+def test_sft_target_ids_are_the_tokens_of_a_full_completion(toks, name):
+    """SFT must teach the very tokens a well-formed completion is made of, including a token
+    that merges `</guess>` with the start of `<think>`; a lone `>` would teach the model to stop."""
+    tok = toks[name]
+    prompt_text = tok.apply_chat_template(build_messages("I miss home.", LABELS, "gta", [("Best day ever!", "joy")]))
+    n = len(tok.encode(prompt_text))
+    for label in LABELS:
+        ids, _ = sft_target_ids(tok, prompt_text, label, "gta")
+        full = tok.encode(prompt_text + format_target(label, "gta"))[n:]
+        assert ids == full[: len(ids)]
