@@ -26,7 +26,7 @@ import torch
 import models
 from gtacore.checkpointing import checkpoint_dir, latest_checkpoint, load_trainer_state, save_checkpoint
 from gtacore.config import Config, parse_config
-from gtacore.data import BatchSampler
+from gtacore.sampling import BatchSampler
 from gtacore.distributed import DistInfo, all_reduce_grads_, all_reduce_mean, assert_replicas_identical, init_distributed, shutdown
 from gtacore.evaluate import evaluate
 from gtacore.loading import load_dataset_from_args

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .data import ClassificationData, Example, apply_recipe, few_shot_examples, load_examples, read_label_file
+from .data import ClassificationData, Example, apply_recipe, load_examples, read_label_file
+from .sampling import few_shot_examples
 
 
 def parse_labels(labels: str | None) -> list[str] | None:

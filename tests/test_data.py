@@ -8,17 +8,9 @@ from collections import Counter
 import pytest
 
 from gtacore.data import (
-    RECIPES,
-    BatchSampler,
-    ClassificationData,
-    DataError,
-    Example,
-    apply_recipe,
-    few_shot_examples,
-    load_examples,
-    read_label_file,
-    split_examples,
+    RECIPES, ClassificationData, DataError, Example, apply_recipe, load_examples, read_label_file,
 )
+from gtacore.sampling import BatchSampler, few_shot_examples, split_examples
 
 
 def write(tmp_path, name, content):

@@ -1,0 +1,22 @@
+"""The benchmark scripts run (tiny shapes on CPU) and write their CSV, so they cannot rot."""
+
+import csv
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPTS = sorted(p.name for p in (ROOT / "bench").glob("bench_*.py"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_bench_script_runs(script, tmp_path):
+    out = tmp_path / "out.csv"
+    cmd = [sys.executable, str(ROOT / "bench" / script), "--warmup", "0", "--reps", "1", "--no-compile", "--csv", str(out)]
+    res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-2000:]
+    rows = list(csv.DictReader(out.open()))
+    assert rows and all(r.get("device") for r in rows)
