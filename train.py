@@ -31,10 +31,12 @@ from gtacore.distributed import DistInfo, all_reduce_grads_, all_reduce_mean, as
 from gtacore.evaluate import evaluate
 from gtacore.loading import load_dataset_from_args
 from gtacore.metrics import format_table
-from gtacore.policy import packed_logprobs, packed_loss
+from gtacore.batch import RL_ROW, SFT_ROW, pack
+from gtacore.policy import packed_logprobs, plain_backward
+from gtacore.prefix import pack_branches, pack_prompts, prefix_backward, prefix_logprobs
 from gtacore.progress import Progress
 from gtacore.projection import apply_gradient_constraint
-from gtacore.rollout import make_prompts, rl_batch, sample_rollouts, sft_batch
+from gtacore.rollout import make_prompts, sample_rollouts, sft_targets
 from models.default_model import default_model_dir
 from models.generate import SamplingParams
 from models.tokenizer import Tokenizer
@@ -67,6 +69,8 @@ def train_step(cfg: Config, step: int, policy, ref_model, tok, prompts, labels, 
     """One batch of rollouts and `num_iterations` optimizer updates; returns the step's metrics."""
     L, R = cfg.loss, cfg.rollout
     params = [p for p in policy.parameters() if p.requires_grad]
+    for p in params:
+        p.grad = None
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if info.device.type == "cuda" else nullcontext()
     times, m = {}, {}
 
@@ -82,47 +86,48 @@ def train_step(cfg: Config, step: int, policy, ref_model, tok, prompts, labels, 
     times["rollout"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    rl = rl_batch(prompts, ro, R.group_size, info.device) if ro is not None else None
-    sft = sft_batch(tok, prompts, L.mode, info.device) if L.mode in ("gta", "sft") else None
-    if rl is not None and rl.num_loss_rows == 0:
-        rl = None
+    G, dev = R.group_size, info.device
+    if cfg.loss.shared_prefix:  # one prompt pass per prompt for all its continuations
+        pp = pack_prompts([p.ids for p in prompts], dev)
+        make = lambda parent, conts, masks, kind, adv: pack_branches(pp, parent, conts, masks, kind, adv, dev)  # noqa: E731
+        logprobs = lambda model, b: prefix_logprobs(model, model.lm_head.weight, pp, b, R.temperature)  # noqa: E731
+        backward = lambda branches: prefix_backward(policy, params, policy.lm_head.weight, pp, branches, L)  # noqa: E731
+    else:  # every sequence in full (for comparison)
+        make = lambda parent, conts, masks, kind, adv: pack([prompts[b].ids for b in parent], conts, masks, kind, adv, dev)  # noqa: E731
+        logprobs = lambda model, b: packed_logprobs(model, model.lm_head.weight, b, R.temperature)  # noqa: E731
+        backward = lambda batches: plain_backward(policy, params, policy.lm_head.weight, batches, L)  # noqa: E731
+    rl = sft = None
+    if ro is not None:
+        rl = make([r // G for r in range(len(ro.completions))], ro.completions, ro.rl_masks, RL_ROW, ro.advantages.tolist())
+    if L.mode in ("gta", "sft"):
+        sft = make(list(range(len(prompts))), *sft_targets(tok, prompts, L.mode), SFT_ROW, None)
     ref_lp = old_lp = None
     with autocast:
         if rl is not None and L.beta > 0:
-            ref_lp = packed_logprobs(ref_model, ref_model.lm_head.weight, rl, R.temperature)
+            ref_lp = logprobs(ref_model, rl)
         if rl is not None and L.num_iterations > 1:
-            old_lp = packed_logprobs(policy, policy.lm_head.weight, rl, R.temperature)
+            old_lp = logprobs(policy, rl)
     times["ref_old_logprobs"] = time.perf_counter() - t0
 
     normalizer = L.loss_normalizer or R.batch_size * R.group_size * R.max_new_tokens
-    times["sft"] = times["rl"] = times["constraint"] = times["optimizer"] = 0.0
+    times["forward_backward"] = times["constraint"] = times["optimizer"] = 0.0
     for _ in range(L.num_iterations):
-        for p in params:
-            p.grad = None
         t0 = time.perf_counter()
-        sft_grads = None
+        branches = ([(sft, None, None, None, 1.0)] if sft is not None else []) + (
+            [(rl, old_lp, ref_lp, normalizer, R.temperature)] if rl is not None else [])
+        with autocast:
+            results = backward(branches)
+        sft_grads = rl_grads = None
         if sft is not None:
-            with autocast:
-                out = packed_loss(policy, policy.lm_head.weight, sft, None, None, L, 1.0)
-            out.loss.backward()
-            sft_grads = [p.grad for p in params]
+            sft_grads, out = results[0]
             all_reduce_grads_(sft_grads, info)
             m["sft_loss"] = out.sft_loss
-            for p in params:
-                p.grad = None
-        times["sft"] += time.perf_counter() - t0
-
-        t0 = time.perf_counter()
-        rl_grads = None
         if rl is not None:
-            with autocast:
-                out = packed_loss(policy, policy.lm_head.weight, rl, old_lp, ref_lp, L, R.temperature, normalizer)
-            out.loss.backward()
-            rl_grads = [p.grad for p in params]
+            rl_grads, out = results[-1]
             all_reduce_grads_(rl_grads, info)
             s = out.stats
             m.update(rl_loss=out.rl_loss, kl=s["kl"].mean(), clip_fraction=s["clipped"].float().mean(), entropy=s["entropy"].mean())
-        times["rl"] += time.perf_counter() - t0
+        times["forward_backward"] += time.perf_counter() - t0
 
         t0 = time.perf_counter()
         if sft_grads is not None and rl_grads is not None:

@@ -62,6 +62,7 @@ class LossArgs:
     lambda_rl: float = opt(1.0, "weight of the RL loss")
     constraint: str = opt("project", "gradient constraint between SFT and RL gradients", ("none", "gate", "project"))
     granularity: str = opt("per_param", "decide per parameter tensor or on the whole model", ("per_param", "global"))
+    shared_prefix: bool = opt(True, "run each prompt once for all its continuations (off: every sequence in full)")
 
 
 @dataclass

@@ -65,3 +65,24 @@ def packed_loss(
         seq_ids=batch.seq_ids,
         loss_normalizer=loss_normalizer,
     )
+
+
+def plain_backward(
+    model: torch.nn.Module,
+    params: list[torch.Tensor],
+    head_weight: torch.Tensor,
+    batches: list[tuple[PackedBatch, torch.Tensor | None, torch.Tensor | None, float | None, float]],
+    args: LossArgs,
+) -> list[tuple[list[torch.Tensor | None], FusedGTALoss]]:
+    """Per packed batch (batch, old, ref, normaliser, temperature): forward, loss, backward, gradients.
+
+    The plain counterpart of `gtacore.prefix.prefix_backward` (every sequence runs in full).
+    """
+    results = []
+    for batch, old, ref, normalizer, temperature in batches:
+        out = packed_loss(model, head_weight, batch, old, ref, args, temperature, normalizer)
+        out.loss.backward()
+        results.append(([p.grad for p in params], out))
+        for p in params:
+            p.grad = None
+    return results

@@ -13,7 +13,6 @@ import torch
 from models.generate import SamplingParams, generate
 from models.tokenizer import Tokenizer
 
-from .batch import RL_ROW, SFT_ROW, PackedBatch, pack
 from .data import Example
 from .prompts import build_messages, parse_completion, rl_mask, sft_target_ids, span_codes
 from .rewards import batch_rewards, group_advantages
@@ -64,12 +63,8 @@ def sample_rollouts(model, tok: Tokenizer, prompts: list[Prompt], labels: list[s
     return Rollouts(completions, texts, parsed, rewards, advantages, rl_masks, sum(lengths))
 
 
-def rl_batch(prompts: list[Prompt], ro: Rollouts, G: int, device) -> PackedBatch:
-    prompt_ids = [prompts[r // G].ids for r in range(len(ro.completions))]
-    return pack(prompt_ids, ro.completions, ro.rl_masks, RL_ROW, ro.advantages.tolist(), device)
-
-
-def sft_batch(tok: Tokenizer, prompts: list[Prompt], mode: str, device) -> PackedBatch:
+def sft_targets(tok: Tokenizer, prompts: list[Prompt], mode: str) -> tuple[list[list[int]], list[list[bool]]]:
+    """The teacher-forced continuation of each prompt and its loss mask."""
     conts, masks = [], []
     for p in prompts:
         ids, mask = sft_target_ids(tok, p.text, p.example.label, mode)
@@ -77,4 +72,4 @@ def sft_batch(tok: Tokenizer, prompts: list[Prompt], mode: str, device) -> Packe
             ids, mask = ids + [tok.eos_token_id], mask + [True]
         conts.append(ids)
         masks.append(mask)
-    return pack([p.ids for p in prompts], conts, masks, SFT_ROW, None, device)
+    return conts, masks

@@ -6,6 +6,11 @@ Three ways a batch reaches attention, described by `AttnSpec`:
   token, so a causal mask alone keeps them out of real tokens' attention.
 - mask: an explicit boolean mask [B, 1, Tq, Tk] (True = may attend): left-padded
   prompts in generation, and attention to a KV cache.
+- prefix: continuations that share prompts (shared-prefix training). The
+  prompts ran earlier and their keys/values arrive as `prefix_k/v` [1, Hkv, Np, Dh];
+  the continuations of group g (packed in one row) attend to prompt g's keys and
+  to their own earlier tokens, never to other continuations. One SDPA call per
+  group with an explicit mask [nq, np + nq]; see gtacore/prefix.py.
 - varlen: several sequences packed into one row [1, N] with cumulative lengths
   `cu_seqlens` [S+1]. flash-attn runs this without touching padding. The SDPA
   fallback runs each sequence as its own causal call (a Python loop over
@@ -38,15 +43,19 @@ class AttnSpec:
     cu_seqlens: torch.Tensor | None = None  # [S+1] int32, for kind "varlen"
     max_seqlen: int = 0
     seq_lengths: list[int] | None = None  # host copy of the lengths (SDPA varlen loop)
+    groups: list[tuple[int, int, int, int]] | None = None  # prefix: (q_start, q_end, p_start, p_end)
+    group_masks: list[torch.Tensor] | None = None  # prefix: [1, 1, nq, np + nq] bool per group
 
 
 def _use_flash(q: torch.Tensor) -> bool:
     return HAS_FLASH_ATTN and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: AttnSpec) -> torch.Tensor:
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: AttnSpec, prefix_kv=None) -> torch.Tensor:
     """q [B, H, Tq, Dh], k/v [B, Hkv, Tk, Dh] -> [B, H, Tq, Dh]. GQA when Hkv < H."""
     gqa = k.shape[1] != q.shape[1]
+    if spec.kind == "prefix":
+        return _prefix(q, k, v, prefix_kv, spec, gqa)
     if spec.kind == "causal":
         if _use_flash(q):
             out = flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=True)
@@ -75,4 +84,15 @@ def _varlen(q, k, v, spec: AttnSpec, gqa: bool) -> torch.Tensor:
         start += n
     if start < q.shape[2]:  # trailing padding after the last sequence: keep it finite
         outs.append(torch.zeros_like(q[:, :, start:]))
+    return torch.cat(outs, dim=2)
+
+
+def _prefix(q, k, v, prefix_kv, spec: AttnSpec, gqa: bool) -> torch.Tensor:
+    """Continuations [1, H, Nc, Dh] over their group's prompt keys + their own keys."""
+    pk, pv = prefix_kv  # [1, Hkv, Np, Dh]
+    outs = []
+    for (qs, qe, ps, pe), mask in zip(spec.groups, spec.group_masks):
+        kg = torch.cat((pk[:, :, ps:pe], k[:, :, qs:qe]), dim=2)  # [1, Hkv, np + nq, Dh]
+        vg = torch.cat((pv[:, :, ps:pe], v[:, :, qs:qe]), dim=2)
+        outs.append(F.scaled_dot_product_attention(q[:, :, qs:qe], kg, vg, attn_mask=mask, enable_gqa=gqa))
     return torch.cat(outs, dim=2)

@@ -87,7 +87,7 @@ class Attention(nn.Module):
             self.k_norm = RMSNorm(self.Dh, cfg.rms_norm_eps)
         self.qk_norm = cfg.qk_norm
 
-    def forward(self, x, cos, sin, spec: AttnSpec, cache: KVCache | None = None) -> torch.Tensor:
+    def forward(self, x, cos, sin, spec: AttnSpec, cache: KVCache | None = None, prefix_kv=None, kv_out=None) -> torch.Tensor:
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.H, self.Dh)
         k = self.k_proj(x).view(B, T, self.Hkv, self.Dh)
@@ -97,9 +97,11 @@ class Attention(nn.Module):
         # [B, T, H, Dh] -> [B, H, T, Dh]
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if kv_out is not None:  # shared-prefix training keeps the prompts' keys/values
+            kv_out.append((k, v))
         if cache is not None:
             k, v = cache.update(self.layer, k, v)
-        out = attention(q, k, v, spec)  # [B, H, T, Dh]
+        out = attention(q, k, v, spec, prefix_kv[self.layer] if prefix_kv is not None else None)  # [B, H, T, Dh]
         return self.o_proj(out.transpose(1, 2).reshape(B, T, self.H * self.Dh))
 
 
@@ -122,8 +124,8 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, cos, sin, spec: AttnSpec, cache: KVCache | None = None) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, spec, cache)
+    def forward(self, x, cos, sin, spec: AttnSpec, cache: KVCache | None = None, prefix_kv=None, kv_out=None) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, spec, cache, prefix_kv, kv_out)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -158,10 +160,15 @@ class Decoder(nn.Module):
         positions: torch.Tensor | None = None,
         spec: AttnSpec | None = None,
         cache: KVCache | None = None,
+        prefix_kv: list | None = None,
+        kv_out: list | None = None,
     ) -> torch.Tensor:
         """input_ids [B, T] (long) -> final-norm hidden states [B, T, D].
 
         positions [B, T] default to 0..T-1 per row; `spec` defaults to causal.
+        Shared-prefix training: `kv_out` (a list) collects each layer's (k, v)
+        [B, Hkv, T, Dh]; `prefix_kv` (such a list) gives the prompts' keys/values to a
+        forward of continuations with spec kind "prefix".
         """
         B, T = input_ids.shape
         if positions is None:
@@ -170,7 +177,7 @@ class Decoder(nn.Module):
         cos, sin = rope_cos_sin(positions, self.inv_freq, x.dtype)  # [B, T, Dh]
         spec = spec or AttnSpec()
         for block in self.model.layers:
-            x = block(x, cos, sin, spec, cache)
+            x = block(x, cos, sin, spec, cache, prefix_kv, kv_out)
         return self.model.norm(x)
 
     def forward(self, input_ids: torch.Tensor, return_hidden: bool = False, **kwargs) -> torch.Tensor:

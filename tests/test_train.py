@@ -82,3 +82,14 @@ def test_torchrun_two_ranks_end_identical(setup, tmp_path):
     assert res.returncode == 0, res.stderr[-3000:]
     assert (out / "final" / "model.safetensors").is_file()
     assert len((out / "metrics.jsonl").read_text().splitlines()) == 2
+
+
+def test_shared_prefix_and_plain_paths_train_the_same(setup, tmp_path):
+    for name, flag in (("shared", "--shared-prefix"), ("plain", "--no-shared-prefix")):
+        train.main(_args(setup, tmp_path / name, "gta", 2, "--beta", "0.05", "--num-iterations", "2", flag, "--eval-every", "0"))
+    a = load_file(tmp_path / "shared" / "final" / "model.safetensors")
+    b = load_file(tmp_path / "plain" / "final" / "model.safetensors")
+    start = load_file(setup[0] / "model.safetensors")
+    for k in a:
+        moved = (a[k] - start[k]).abs().max()
+        assert (a[k] - b[k]).abs().max() <= 1e-3 * max(float(moved), 1e-6) + 1e-6, k
