@@ -166,8 +166,14 @@ def train_step(cfg: Config, step: int, policy, ref_model, tok, prompts, labels, 
     return out
 
 
+BUNDLED_TRAIN = Path(__file__).resolve().parent / "data" / "emotion_train.jsonl"
+BUNDLED_TEST = BUNDLED_TRAIN.with_name("emotion_test.jsonl")
+
+
 def main(argv=None) -> None:
-    cfg = parse_config(argv, description=__doc__)
+    device = parse_config(argv, description=__doc__).run.device
+    gpu = torch.cuda.is_available() and (device is None or device.startswith("cuda"))
+    cfg = parse_config(argv, description=__doc__, gpu=gpu)  # GPU machines get larger defaults
     info = init_distributed(cfg.run.device)
     try:
         run(cfg, info)
@@ -193,9 +199,10 @@ def run(cfg: Config, info: DistInfo) -> None:
     tok = Tokenizer(model_path)
 
     # --- data ---
-    if cfg.data.data is None:
-        raise SystemExit("train.py: pass --data FILE (a .jsonl/.csv/.tsv/.parquet file with text and label fields)")
     D = cfg.data
+    if D.data is None:  # the built-in default: the bundled emotion dataset
+        D.data, D.eval_data = str(BUNDLED_TRAIN), D.eval_data or str(BUNDLED_TEST)
+        say(f"data: {D.data} (bundled; pass --data FILE for your own)")
     train_data, shots = load_dataset_from_args(D.data, D.data, D.recipe, D.text_field, D.label_field, D.labels, D.shots,
                                                cfg.run.seed, D.skip_unknown_labels)
     labels = train_data.labels
@@ -273,6 +280,13 @@ def run(cfg: Config, info: DistInfo) -> None:
             for k in keys:
                 if k in after:
                     say(f"{k:<16}{before.get(k, float('nan')):>10.3f}{after[k]:>10.3f}")
+    if info.is_main:
+        try:
+            from gtacore.plot import plot_runs
+
+            say(f"curves: {plot_runs([out_dir], out_dir / 'curves.png', title=f'{cfg.loss.mode} on {Path(D.data).name}')}")
+        except SystemExit as e:  # matplotlib is optional
+            say(f"no plot: {e}")
     say(f"outputs in {out_dir}")
 
 

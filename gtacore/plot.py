@@ -1,0 +1,65 @@
+"""Plot one or several runs' curves on shared axes: reward and format rate per step, eval accuracy.
+
+    python -m gtacore.plot runs/gta [runs/grpo runs/sft ...] [--out curves.png]
+
+Reads each run's metrics.jsonl and eval.jsonl. Needs matplotlib (`pip install matplotlib`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def plot_runs(run_dirs: list[str | Path], out: str | Path, title: str = "") -> Path:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as e:
+        raise SystemExit("plotting needs matplotlib: pip install matplotlib") from e
+    panels = [("reward_mean", "train reward (mean)"), ("format_rate", "train format rate"), ("accuracy", "eval accuracy")]
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.6))
+    for run in map(Path, run_dirs):
+        label = run.name
+        metrics = read_jsonl(run / "metrics.jsonl")
+        evals = read_jsonl(run / "eval.jsonl")
+        for ax, (key, name) in zip(axes, panels):
+            rows = evals if key == "accuracy" else metrics
+            points = [(r["step"], r[key]) for r in rows if key in r]
+            if points:
+                xs, ys = zip(*points)
+                ax.plot(xs, ys, marker="o" if len(xs) < 30 else None, label=label)
+            ax.set_title(name)
+            ax.set_xlabel("step")
+            ax.grid(alpha=0.3)
+    axes[0].legend()
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    out = Path(out)
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return out
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("runs", nargs="+", help="output directories of train.py runs")
+    ap.add_argument("--out", default=None, help="PNG path (default: curves.png in the first run)")
+    ap.add_argument("--title", default="")
+    args = ap.parse_args(argv)
+    out = plot_runs(args.runs, args.out or Path(args.runs[0]) / "curves.png", args.title)
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
