@@ -28,21 +28,22 @@ def packed_logprobs(model: torch.nn.Module, head_weight: torch.Tensor, batch: Pa
     return fused_linear_logprobs(hidden, head_weight.to(hidden.dtype), batch.targets, temperature)
 
 
-def packed_loss(
-    model: torch.nn.Module,
+def loss_from_hidden(
+    hidden: torch.Tensor,
     head_weight: torch.Tensor,
-    batch: PackedBatch,
+    batch,
     old_logprobs: torch.Tensor | None,
     ref_logprobs: torch.Tensor | None,
     args: LossArgs,
     temperature: float,
     loss_normalizer: float | None = None,
 ) -> FusedGTALoss:
-    """The SFT or RL loss of a packed batch (its row kinds decide which), differentiable.
+    """The loss of a batch's loss rows (`hidden` [M, D]); its row kinds decide SFT or RL.
 
-    old_logprobs None means "the current policy" (mu = 1): the ratio is exactly 1.
+    `batch` is a PackedBatch or a prefix BranchPack (targets, row_kind, advantages,
+    seq_ids). old_logprobs None means "the current policy" (mu = 1): ratios are
+    exactly 1.
     """
-    hidden = loss_row_hidden(model, batch)
     weight = head_weight.to(hidden.dtype)
     if old_logprobs is None:
         with torch.no_grad():
@@ -65,6 +66,21 @@ def packed_loss(
         seq_ids=batch.seq_ids,
         loss_normalizer=loss_normalizer,
     )
+
+
+def packed_loss(
+    model: torch.nn.Module,
+    head_weight: torch.Tensor,
+    batch: PackedBatch,
+    old_logprobs: torch.Tensor | None,
+    ref_logprobs: torch.Tensor | None,
+    args: LossArgs,
+    temperature: float,
+    loss_normalizer: float | None = None,
+) -> FusedGTALoss:
+    """Forward a packed batch and return its loss (differentiable)."""
+    hidden = loss_row_hidden(model, batch)
+    return loss_from_hidden(hidden, head_weight, batch, old_logprobs, ref_logprobs, args, temperature, loss_normalizer)
 
 
 def plain_backward(

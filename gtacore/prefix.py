@@ -34,10 +34,11 @@ from typing import Sequence
 
 import torch
 
-from kernels import FusedGTALoss, fused_linear_gta_loss, fused_linear_logprobs
+from kernels import FusedGTALoss, fused_linear_logprobs
 from models.attention import AttnSpec
 
 from .config import LossArgs
+from .policy import loss_from_hidden
 
 
 @dataclass
@@ -173,16 +174,7 @@ def prefix_backward(
         ph_in = ph.detach().requires_grad_()
         kv_in = [(k.detach().requires_grad_(), v.detach().requires_grad_()) for k, v in kv]
         hidden = branch_hidden(model, branch, ph_in, kv_in)
-        weight = head_weight.to(hidden.dtype)
-        if old is None:  # mu = 1: the current policy, so ratios are exactly 1
-            with torch.no_grad():
-                old = fused_linear_logprobs(hidden.detach(), weight.detach(), branch.targets, temperature)
-        out = fused_linear_gta_loss(
-            hidden, weight, branch.targets, branch.row_kind, old, branch.advantages, ref,
-            lambda_sft=args.lambda_sft, lambda_rl=args.lambda_rl, eps_low=args.eps_low, eps_high=args.eps_high,
-            beta=args.beta if ref is not None else 0.0, temperature=temperature, agg=args.agg,
-            seq_ids=branch.seq_ids, loss_normalizer=normalizer,
-        )
+        out = loss_from_hidden(hidden, head_weight, branch, old, ref, args, temperature, normalizer)
         out.loss.backward()
         # Push what reached the prompt pass's outputs through it (kept for the next branch).
         outs = [ph] + [t for pair in kv for t in pair]
