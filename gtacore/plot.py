@@ -28,8 +28,8 @@ def plot_runs(run_dirs: list[str | Path], out: str | Path, title: str = "") -> P
         raise SystemExit("plotting needs matplotlib: pip install matplotlib") from e
     panels = [("reward_mean", "train reward (mean)"), ("format_rate", "train format rate"), ("accuracy", "eval accuracy")]
     fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.6))
-    for run in map(Path, run_dirs):
-        label = run.name
+    for i, run in enumerate(map(Path, run_dirs)):
+        label, color = run.name, f"C{i}"  # one color per run on every panel
         metrics = read_jsonl(run / "metrics.jsonl")
         evals = read_jsonl(run / "eval.jsonl")
         for ax, (key, name) in zip(axes, panels):
@@ -37,11 +37,13 @@ def plot_runs(run_dirs: list[str | Path], out: str | Path, title: str = "") -> P
             points = [(r["step"], r[key]) for r in rows if key in r]
             if points:
                 xs, ys = zip(*points)
-                ax.plot(xs, ys, marker="o" if len(xs) < 30 else None, label=label)
+                ax.plot(xs, ys, marker="o" if len(xs) < 30 else None, label=label, color=color)
             ax.set_title(name)
             ax.set_xlabel("step")
             ax.grid(alpha=0.3)
-    axes[0].legend()
+    handles = {label: h for ax in axes for h, label in zip(*ax.get_legend_handles_labels())}
+    if handles:  # one legend for the figure: a run may be missing from some panels (sft has no reward)
+        fig.legend(handles.values(), handles.keys(), loc="upper right")
     if title:
         fig.suptitle(title)
     fig.tight_layout()
