@@ -14,7 +14,7 @@ import torch
 from models.generate import SamplingParams, generate
 from models.tokenizer import Tokenizer
 
-from .data import ClassificationData, Example
+from .data import Example
 from .metrics import classification_report, format_table, guess_answer_changes
 from .progress import Progress
 from .prompts import parse_completion

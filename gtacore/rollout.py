@@ -14,7 +14,7 @@ from models.generate import SamplingParams, generate
 from models.tokenizer import Tokenizer
 
 from .data import Example
-from .prompts import build_messages, parse_completion, rl_mask, sft_target_ids, span_codes
+from .prompts import build_messages, rl_mask, sft_target_ids, span_codes
 from .rewards import batch_rewards, group_advantages
 
 

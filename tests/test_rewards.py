@@ -49,7 +49,7 @@ def test_group_advantages_by_hand():
     rewards = torch.tensor([2.0, 0.0, 1.0, 1.0, 1.0, 0.0, 0.0, 0.0])  # B=2 groups of G=4
     std = math.sqrt((1 + 1 + 0 + 0) / 3)  # unbiased: mean 1, squared deviations 1, 1, 0, 0
     expected = [1 / (std + 1e-4), -1 / (std + 1e-4), 0.0, 0.0]
-    mean2, std2 = 0.25, math.sqrt((0.75**2 + 3 * 0.25**2) / 3)
+    std2 = math.sqrt((0.75**2 + 3 * 0.25**2) / 3)
     expected += [0.75 / (std2 + 1e-4)] + [-0.25 / (std2 + 1e-4)] * 3
     assert group_advantages(rewards, 4).tolist() == pytest.approx(expected, rel=1e-6)
     dr = group_advantages(rewards, 4, scale_std=False)
