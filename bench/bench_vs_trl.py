@@ -53,6 +53,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # `python bench/bench_vs_trl.py` from a checkout, installed or not
 
+from bench.common import git_commit  # noqa: E402  (children run without its TRITON_INTERPRET)
 from models.default_model import default_model_dir  # noqa: E402
 
 TRL_VERSION = "1.16.0"  # trl_runner.py wraps this version's GRPOTrainer methods
@@ -179,15 +180,7 @@ def run_system(args, system: str) -> dict:
 
 
 def environment() -> dict:
-    def git(*command):
-        try:
-            return subprocess.run(["git", *command], cwd=REPO, capture_output=True, text=True).stdout.strip()
-        except OSError:
-            return ""
-
-    commit = git("rev-parse", "HEAD")
-    if commit and git("status", "--porcelain", "--untracked-files=no"):
-        commit += "+dirty"  # the numbers come from uncommitted code
+    commit = git_commit()
 
     def version(package):
         try:

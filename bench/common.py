@@ -120,7 +120,9 @@ def run_case(rows: list[dict], case: dict, method: str, fn, args, work: float, u
                  "of_peak": f"{rate / case['peak_rate']:.3g}", "peak_MiB": f"{peak:.0f}"})
 
 
-def environment() -> dict:
+def git_commit(*paths: str) -> str:
+    """HEAD's hash, with "+dirty" when tracked files under `paths` (all when none) have uncommitted changes."""
+
     def git(*command):
         try:
             return subprocess.run(["git", *command], cwd=REPO, capture_output=True, text=True).stdout.strip()
@@ -128,8 +130,13 @@ def environment() -> dict:
             return ""
 
     commit = git("rev-parse", "HEAD")
-    if commit and git("status", "--porcelain", "--untracked-files=no", "--", "kernels", "bench"):
-        commit += "+dirty"  # the numbers come from uncommitted kernel or benchmark code
+    if commit and git("status", "--porcelain", "--untracked-files=no", "--", *paths):
+        commit += "+dirty"  # the numbers come from uncommitted code
+    return commit
+
+
+def environment() -> dict:
+    commit = git_commit("kernels", "bench")
     try:
         import triton
 

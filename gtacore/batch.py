@@ -33,10 +33,6 @@ class PackedBatch:
     row_kind: torch.Tensor  # [M] int8: SFT_ROW or RL_ROW
     advantages: torch.Tensor  # [M] float32 (0 for SFT rows)
 
-    @property
-    def num_loss_rows(self) -> int:
-        return self.targets.shape[0]
-
 
 def pack(
     prompts: Sequence[Sequence[int]],

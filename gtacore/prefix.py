@@ -61,10 +61,6 @@ class BranchPack:
     row_kind: torch.Tensor  # [M] int8
     advantages: torch.Tensor  # [M] float32
 
-    @property
-    def num_loss_rows(self) -> int:
-        return self.targets.shape[0]
-
 
 def pack_prompts(prompts: Sequence[Sequence[int]], device) -> PromptPack:
     lengths = [len(p) for p in prompts]
