@@ -90,12 +90,12 @@ def train_step(cfg: Config, step: int, policy, ref_model, tok, prompts, labels, 
     if cfg.loss.shared_prefix:  # one prompt pass per prompt for all its continuations
         pp = pack_prompts([p.ids for p in prompts], dev)
         make = lambda parent, conts, masks, kind, adv: pack_branches(pp, parent, conts, masks, kind, adv, dev)  # noqa: E731
-        logprobs = lambda model, b: prefix_logprobs(model, model.lm_head.weight, pp, b, R.temperature)  # noqa: E731
-        backward = lambda branches: prefix_backward(policy, params, policy.lm_head.weight, pp, branches, L)  # noqa: E731
+        logprobs = lambda model, b: prefix_logprobs(model, pp, b, R.temperature)  # noqa: E731
+        backward = lambda branches: prefix_backward(policy, params, pp, branches, L)  # noqa: E731
     else:  # every sequence in full (for comparison)
         make = lambda parent, conts, masks, kind, adv: pack([prompts[b].ids for b in parent], conts, masks, kind, adv, dev)  # noqa: E731
-        logprobs = lambda model, b: packed_logprobs(model, model.lm_head.weight, b, R.temperature)  # noqa: E731
-        backward = lambda batches: plain_backward(policy, params, policy.lm_head.weight, batches, L)  # noqa: E731
+        logprobs = lambda model, b: packed_logprobs(model, b, R.temperature)  # noqa: E731
+        backward = lambda batches: plain_backward(policy, params, batches, L)  # noqa: E731
     rl = sft = None
     if ro is not None:
         rl = make([r // G for r in range(len(ro.completions))], ro.completions, ro.rl_masks, RL_ROW, ro.advantages.tolist())

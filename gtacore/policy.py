@@ -15,6 +15,12 @@ from .batch import PackedBatch
 from .config import LossArgs
 
 
+def head_weight(model: torch.nn.Module) -> torch.Tensor:
+    """The LM head [V, D]. Read it after the model's forward: under FSDP the root
+    module's parameters are whole tensors only between its forward and backward."""
+    return model.lm_head.weight
+
+
 def loss_row_hidden(model: torch.nn.Module, batch: PackedBatch) -> torch.Tensor:
     """Hidden states [M, D] at the loss rows of a packed batch."""
     hidden = model(batch.input_ids, positions=batch.positions, spec=batch.spec, return_hidden=True)  # [1, N, D]
@@ -22,15 +28,15 @@ def loss_row_hidden(model: torch.nn.Module, batch: PackedBatch) -> torch.Tensor:
 
 
 @torch.no_grad()
-def packed_logprobs(model: torch.nn.Module, head_weight: torch.Tensor, batch: PackedBatch, temperature: float) -> torch.Tensor:
+def packed_logprobs(model: torch.nn.Module, batch: PackedBatch, temperature: float) -> torch.Tensor:
     """log p(target) under softmax(logits / T) for each loss row: [M] float32."""
     hidden = loss_row_hidden(model, batch)
-    return fused_linear_logprobs(hidden, head_weight.to(hidden.dtype), batch.targets, temperature)
+    return fused_linear_logprobs(hidden, head_weight(model).to(hidden.dtype), batch.targets, temperature)
 
 
 def loss_from_hidden(
     hidden: torch.Tensor,
-    head_weight: torch.Tensor,
+    head: torch.Tensor,
     batch,
     old_logprobs: torch.Tensor | None,
     ref_logprobs: torch.Tensor | None,
@@ -44,7 +50,7 @@ def loss_from_hidden(
     seq_ids). old_logprobs None means "the current policy" (mu = 1): ratios are
     exactly 1.
     """
-    weight = head_weight.to(hidden.dtype)
+    weight = head.to(hidden.dtype)
     if old_logprobs is None:
         with torch.no_grad():
             old_logprobs = fused_linear_logprobs(hidden.detach(), weight.detach(), batch.targets, temperature)
@@ -70,7 +76,6 @@ def loss_from_hidden(
 
 def packed_loss(
     model: torch.nn.Module,
-    head_weight: torch.Tensor,
     batch: PackedBatch,
     old_logprobs: torch.Tensor | None,
     ref_logprobs: torch.Tensor | None,
@@ -80,13 +85,12 @@ def packed_loss(
 ) -> FusedGTALoss:
     """Forward a packed batch and return its loss (differentiable)."""
     hidden = loss_row_hidden(model, batch)
-    return loss_from_hidden(hidden, head_weight, batch, old_logprobs, ref_logprobs, args, temperature, loss_normalizer)
+    return loss_from_hidden(hidden, head_weight(model), batch, old_logprobs, ref_logprobs, args, temperature, loss_normalizer)
 
 
 def plain_backward(
     model: torch.nn.Module,
     params: list[torch.Tensor],
-    head_weight: torch.Tensor,
     batches: list[tuple[PackedBatch, torch.Tensor | None, torch.Tensor | None, float | None, float]],
     args: LossArgs,
 ) -> list[tuple[list[torch.Tensor | None], FusedGTALoss]]:
@@ -96,7 +100,7 @@ def plain_backward(
     """
     results = []
     for batch, old, ref, normalizer, temperature in batches:
-        out = packed_loss(model, head_weight, batch, old, ref, args, temperature, normalizer)
+        out = packed_loss(model, batch, old, ref, args, temperature, normalizer)
         out.loss.backward()
         results.append(([p.grad for p in params], out))
         for p in params:

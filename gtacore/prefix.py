@@ -38,7 +38,7 @@ from kernels import FusedGTALoss, fused_linear_logprobs
 from models.attention import AttnSpec
 
 from .config import LossArgs
-from .policy import loss_from_hidden
+from .policy import head_weight, loss_from_hidden
 
 
 @dataclass
@@ -133,8 +133,7 @@ def pack_branches(
 
 def prompt_pass(model, prompts: PromptPack):
     """Prompt hidden states [Np, D] and every layer's (k, v) [1, Hkv, Np, Dh]."""
-    kv: list = []
-    hidden = model(prompts.input_ids, positions=prompts.positions, spec=prompts.spec, return_hidden=True, kv_out=kv)
+    hidden, kv = model(prompts.input_ids, positions=prompts.positions, spec=prompts.spec, return_hidden=True, return_kv=True)
     return hidden[0], kv
 
 
@@ -145,17 +144,16 @@ def branch_hidden(model, branch: BranchPack, prompt_hidden: torch.Tensor, kv: li
 
 
 @torch.no_grad()
-def prefix_logprobs(model, head_weight, prompts: PromptPack, branch: BranchPack, temperature: float) -> torch.Tensor:
+def prefix_logprobs(model, prompts: PromptPack, branch: BranchPack, temperature: float) -> torch.Tensor:
     """log p(target) under softmax(logits / T) at each loss row: [M] float32."""
     ph, kv = prompt_pass(model, prompts)
     hidden = branch_hidden(model, branch, ph, kv)
-    return fused_linear_logprobs(hidden, head_weight.to(hidden.dtype), branch.targets, temperature)
+    return fused_linear_logprobs(hidden, head_weight(model).to(hidden.dtype), branch.targets, temperature)
 
 
 def prefix_backward(
     model,
     params: list[torch.Tensor],
-    head_weight: torch.Tensor,
     prompts: PromptPack,
     branches: list[tuple[BranchPack, torch.Tensor | None, torch.Tensor | None, float | None, float]],
     args: LossArgs,
@@ -170,7 +168,7 @@ def prefix_backward(
         ph_in = ph.detach().requires_grad_()
         kv_in = [(k.detach().requires_grad_(), v.detach().requires_grad_()) for k, v in kv]
         hidden = branch_hidden(model, branch, ph_in, kv_in)
-        out = loss_from_hidden(hidden, head_weight, branch, old, ref, args, temperature, normalizer)
+        out = loss_from_hidden(hidden, head_weight(model), branch, old, ref, args, temperature, normalizer)
         out.loss.backward()
         # Push what reached the prompt pass's outputs through it (kept for the next branch).
         outs = [ph] + [t for pair in kv for t in pair]

@@ -87,7 +87,11 @@ class Attention(nn.Module):
             self.k_norm = RMSNorm(self.Dh, cfg.rms_norm_eps)
         self.qk_norm = cfg.qk_norm
 
-    def forward(self, x, cos, sin, spec: AttnSpec, cache: KVCache | None = None, prefix_kv=None, kv_out=None) -> torch.Tensor:
+    def forward(self, x, cos, sin, spec: AttnSpec, cache: KVCache | None = None, prefix_kv=None):
+        """x [B, T, D] -> (out [B, T, D], this call's rotated (k, v) [B, Hkv, T, Dh]).
+
+        `prefix_kv`: the prompts' (k, v) for spec kind "prefix" (shared-prefix training).
+        """
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.H, self.Dh)
         k = self.k_proj(x).view(B, T, self.Hkv, self.Dh)
@@ -97,12 +101,11 @@ class Attention(nn.Module):
         # [B, T, H, Dh] -> [B, H, T, Dh]
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if kv_out is not None:  # shared-prefix training keeps the prompts' keys/values
-            kv_out.append((k, v))
+        new_kv = (k, v)
         if cache is not None:
             k, v = cache.update(self.layer, k, v)
-        out = attention(q, k, v, spec, prefix_kv[self.layer] if prefix_kv is not None else None)  # [B, H, T, Dh]
-        return self.o_proj(out.transpose(1, 2).reshape(B, T, self.H * self.Dh))
+        out = attention(q, k, v, spec, prefix_kv)  # [B, H, T, Dh]
+        return self.o_proj(out.transpose(1, 2).reshape(B, T, self.H * self.Dh)), new_kv
 
 
 class MLP(nn.Module):
@@ -124,9 +127,12 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, cos, sin, spec: AttnSpec, cache: KVCache | None = None, prefix_kv=None, kv_out=None) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, spec, cache, prefix_kv, kv_out)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(self, x, cos, sin, spec: AttnSpec, cache: KVCache | None = None, prefix_kv=None):
+        """-> (x, (k, v)). Keys/values are returned, not appended to an argument: FSDP's
+        hooks may copy a block's arguments (casting them), so outputs must be outputs."""
+        h, kv = self.self_attn(self.input_layernorm(x), cos, sin, spec, cache, prefix_kv)
+        x = x + h
+        return x + self.mlp(self.post_attention_layernorm(x)), kv
 
 
 class Backbone(nn.Module):
@@ -161,14 +167,14 @@ class Decoder(nn.Module):
         spec: AttnSpec | None = None,
         cache: KVCache | None = None,
         prefix_kv: list | None = None,
-        kv_out: list | None = None,
-    ) -> torch.Tensor:
+        return_kv: bool = False,
+    ):
         """input_ids [B, T] (long) -> final-norm hidden states [B, T, D].
 
         positions [B, T] default to 0..T-1 per row; `spec` defaults to causal.
-        Shared-prefix training: `kv_out` (a list) collects each layer's (k, v)
-        [B, Hkv, T, Dh]; `prefix_kv` (such a list) gives the prompts' keys/values to a
-        forward of continuations with spec kind "prefix".
+        Shared-prefix training: with `return_kv` also return each layer's (k, v)
+        [B, Hkv, T, Dh] as a list; `prefix_kv` (such a list) gives the prompts'
+        keys/values to a forward of continuations with spec kind "prefix".
         """
         B, T = input_ids.shape
         if positions is None:
@@ -176,15 +182,22 @@ class Decoder(nn.Module):
         x = self.model.embed_tokens(input_ids)
         cos, sin = rope_cos_sin(positions, self.inv_freq, x.dtype)  # [B, T, Dh]
         spec = spec or AttnSpec()
-        for block in self.model.layers:
-            x = block(x, cos, sin, spec, cache, prefix_kv, kv_out)
-        return self.model.norm(x)
+        kvs = []
+        for i, block in enumerate(self.model.layers):
+            x, kv = block(x, cos, sin, spec, cache, prefix_kv[i] if prefix_kv is not None else None)
+            if return_kv:
+                kvs.append(kv)
+        x = self.model.norm(x)
+        return (x, kvs) if return_kv else x
 
-    def forward(self, input_ids: torch.Tensor, return_hidden: bool = False, **kwargs) -> torch.Tensor:
-        """input_ids [B, T] -> logits [B, T, V], or hidden states [B, T, D] with return_hidden.
+    def forward(self, input_ids: torch.Tensor, return_hidden: bool = False, return_kv: bool = False, **kwargs):
+        """input_ids [B, T] -> logits [B, T, V], or hidden states [B, T, D] with return_hidden;
+        with return_kv, a pair (that, [(k, v) per layer]).
 
         The training path takes hidden states so the loss kernel can fuse the LM head
-        (it goes through `forward` so that DDP's hooks see it).
+        (it goes through `forward` so that DDP's and FSDP's hooks see it).
         """
-        hidden = self.hidden_states(input_ids, **kwargs)
-        return hidden if return_hidden else self.lm_head(hidden)
+        out = self.hidden_states(input_ids, return_kv=return_kv, **kwargs)
+        hidden, kvs = out if return_kv else (out, None)
+        out = hidden if return_hidden else self.lm_head(hidden)
+        return (out, kvs) if return_kv else out

@@ -33,7 +33,7 @@ def _data(vocab, seed=0):
 
 
 def _plain_grads(model, params, batch, old, ref, args, T, norm):
-    out = packed_loss(model, model.lm_head.weight, batch, old, ref, args, T, norm)
+    out = packed_loss(model, batch, old, ref, args, T, norm)
     out.loss.backward()
     grads = [p.grad.clone() for p in params]
     for p in params:
@@ -54,8 +54,8 @@ def test_logprobs_and_gradients_equal_the_plain_path(model, mode):
     if mode != "sft":
         rl_plain = pack([prompts[b] for b in parent], rollouts, rl_masks, RL_ROW, adv)
         rl_branch = pack_branches(pp, parent, rollouts, rl_masks, RL_ROW, adv, "cpu")
-        lp_plain = packed_logprobs(model, model.lm_head.weight, rl_plain, T)
-        lp_prefix = prefix_logprobs(model, model.lm_head.weight, pp, rl_branch, T)
+        lp_plain = packed_logprobs(model, rl_plain, T)
+        lp_prefix = prefix_logprobs(model, pp, rl_branch, T)
         assert (lp_plain - lp_prefix).abs().max() <= 1e-5
         old = lp_plain + 0.05 * torch.randn_like(lp_plain)  # mu > 1: ratios away from 1, some clipped
         ref = lp_plain + 0.1 * torch.randn_like(lp_plain)
@@ -65,7 +65,7 @@ def test_logprobs_and_gradients_equal_the_plain_path(model, mode):
         sft_parent = list(range(len(prompts)))
         plain.insert(0, (pack(prompts, sft, sft_masks, SFT_ROW), None, None))
         prefix.insert(0, (pack_branches(pp, sft_parent, sft, sft_masks, SFT_ROW, None, "cpu"), None, None, norm, T))
-    results = prefix_backward(model, params, model.lm_head.weight, pp, prefix, args)
+    results = prefix_backward(model, params, pp, prefix, args)
     for (batch, old, ref), (grads, out) in zip(plain, results):
         expected, ref_out = _plain_grads(model, params, batch, old, ref, args, T, norm)
         assert torch.allclose(out.sft_loss, ref_out.sft_loss, atol=1e-6) and torch.allclose(out.rl_loss, ref_out.rl_loss, atol=1e-6)
@@ -79,10 +79,10 @@ def test_siblings_do_not_see_each_other(model):
     prompts, rollouts, rl_masks, *_ = _data(model.config.vocab_size, seed=1)
     parent = [r // G for r in range(len(rollouts))]
     pp = pack_prompts(prompts, "cpu")
-    a = prefix_logprobs(model, model.lm_head.weight, pp, pack_branches(pp, parent, rollouts, rl_masks, RL_ROW, None, "cpu"), 1.0)
+    a = prefix_logprobs(model, pp, pack_branches(pp, parent, rollouts, rl_masks, RL_ROW, None, "cpu"), 1.0)
     changed = [list(c) for c in rollouts]
     changed[1] = [5]  # sibling of rollouts 0 and 2 (same length, different token)
     b_branch = pack_branches(pp, parent, changed, rl_masks, RL_ROW, None, "cpu")
-    b = prefix_logprobs(model, model.lm_head.weight, pp, b_branch, 1.0)
+    b = prefix_logprobs(model, pp, b_branch, 1.0)
     seq = b_branch.seq_ids
     assert torch.equal(a[seq != 1], b[seq != 1])
