@@ -24,11 +24,14 @@ from pathlib import Path
 import torch
 
 import models
-from gtacore.checkpointing import checkpoint_dir, latest_checkpoint, load_trainer_state, save_checkpoint
+from gtacore.checkpointing import (checkpoint_dir, latest_checkpoint, load_trainer_state, remove_partial_checkpoints,
+                                   save_checkpoint)
 from gtacore.config import Config, parse_config
 from gtacore.sampling import BatchSampler
-from gtacore.distributed import DistInfo, all_reduce_grads_, all_reduce_mean, assert_replicas_identical, init_distributed, shutdown
+from gtacore.distributed import (DistInfo, all_finite, all_reduce_grads_, all_reduce_mean, assert_replicas_identical,
+                                 grad_norm_and_health, init_distributed, shutdown)
 from gtacore.evaluate import evaluate
+from gtacore.fsdp import WholeModel, constrain_sharded_gradients, full_state_dict, local, reshard, shard_model
 from gtacore.loading import load_dataset_from_args
 from gtacore.metrics import format_table
 from gtacore.batch import RL_ROW, SFT_ROW, pack
@@ -65,9 +68,19 @@ def step_generator(cfg: Config, step: int, info: DistInfo) -> torch.Generator:
     return g
 
 
-def train_step(cfg: Config, step: int, policy, ref_model, tok, prompts, labels, optimizer, info: DistInfo) -> dict:
-    """One batch of rollouts and `num_iterations` optimizer updates; returns the step's metrics."""
+class TrainingError(RuntimeError):
+    """The run cannot go on (e.g. too many non-finite steps in a row)."""
+
+
+def train_step(cfg: Config, step: int, policy, rollout_model, ref_model, tok, prompts, labels, optimizer, info: DistInfo) -> dict:
+    """One batch of rollouts and `num_iterations` optimizer updates; returns the step's metrics.
+
+    `rollout_model` generates (the policy itself, or its whole copy under FSDP).
+    An update whose loss or gradient is not finite is not applied: the step ends
+    there and reports skipped = 1.
+    """
     L, R = cfg.loss, cfg.rollout
+    sharded = cfg.run.shard == "fsdp"
     params = [p for p in policy.parameters() if p.requires_grad]
     for p in params:
         p.grad = None
@@ -78,9 +91,9 @@ def train_step(cfg: Config, step: int, policy, ref_model, tok, prompts, labels, 
     ro = None
     if L.mode != "sft":
         sampling = SamplingParams(max_new_tokens=R.max_new_tokens, temperature=R.temperature, top_p=R.top_p, num_samples=R.group_size)
-        policy.eval()
+        rollout_model.eval()
         with autocast:
-            ro = sample_rollouts(policy, tok, prompts, labels, L.mode, sampling, step_generator(cfg, step, info),
+            ro = sample_rollouts(rollout_model, tok, prompts, labels, L.mode, sampling, step_generator(cfg, step, info),
                                  L.w_format, L.w_acc, L.scale_std)
         policy.train()
     times["rollout"] = time.perf_counter() - t0
@@ -105,12 +118,16 @@ def train_step(cfg: Config, step: int, policy, ref_model, tok, prompts, labels, 
     with autocast:
         if rl is not None and L.beta > 0:
             ref_lp = logprobs(ref_model, rl)
+            if sharded:
+                reshard(ref_model)  # no backward will free its gathered root weights
         if rl is not None and L.num_iterations > 1:
             old_lp = logprobs(policy, rl)
     times["ref_old_logprobs"] = time.perf_counter() - t0
 
     normalizer = L.loss_normalizer or R.batch_size * R.group_size * R.max_new_tokens
     times["forward_backward"] = times["constraint"] = times["optimizer"] = 0.0
+    m["skipped"] = 0.0
+    m["truncated_prompts"] = sum(p.truncated for p in prompts) * info.world_size  # the mean over ranks is the total
     for _ in range(L.num_iterations):
         t0 = time.perf_counter()
         branches = ([(sft, None, None, None, 1.0)] if sft is not None else []) + (
@@ -120,18 +137,21 @@ def train_step(cfg: Config, step: int, policy, ref_model, tok, prompts, labels, 
         sft_grads = rl_grads = None
         if sft is not None:
             sft_grads, out = results[0]
-            all_reduce_grads_(sft_grads, info)
             m["sft_loss"] = out.sft_loss
         if rl is not None:
             rl_grads, out = results[-1]
-            all_reduce_grads_(rl_grads, info)
             s = out.stats
             m.update(rl_loss=out.rl_loss, kl=s["kl"].mean(), clip_fraction=s["clipped"].float().mean(), entropy=s["entropy"].mean())
+        if not sharded:  # FSDP's backward already reduce-scattered them
+            for grads in (sft_grads, rl_grads):
+                if grads is not None:
+                    all_reduce_grads_(grads, info)
         times["forward_backward"] += time.perf_counter() - t0
 
         t0 = time.perf_counter()
         if sft_grads is not None and rl_grads is not None:
-            cs = apply_gradient_constraint(params, sft_grads, rl_grads, L.constraint, L.granularity)
+            constrain = constrain_sharded_gradients if sharded else apply_gradient_constraint
+            cs = constrain(params, sft_grads, rl_grads, L.constraint, L.granularity)
             m.update(grad_cosine=cs.cosine, conflict_fraction=cs.conflict_fraction_params)
         else:
             for p, g in zip(params, sft_grads or rl_grads):
@@ -139,8 +159,16 @@ def train_step(cfg: Config, step: int, policy, ref_model, tok, prompts, labels, 
         times["constraint"] += time.perf_counter() - t0
 
         t0 = time.perf_counter()
+        grads = [local(p.grad) for p in params if p.grad is not None]
+        norm, healthy = grad_norm_and_health(grads, [out.loss for _, out in results], info, sharded)
+        m["grad_norm"] = norm
+        if not healthy:  # never apply it: skip the rest of this step
+            for p in params:
+                p.grad = None
+            m["skipped"] = 1.0
+            break
         if cfg.optim.max_grad_norm > 0:
-            m["grad_norm"] = torch.nn.utils.clip_grad_norm_(params, cfg.optim.max_grad_norm)
+            torch._foreach_mul_(grads, (cfg.optim.max_grad_norm / (norm + 1e-6)).clamp(max=1.0))
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, cfg)
         optimizer.step()
@@ -161,7 +189,7 @@ def train_step(cfg: Config, step: int, policy, ref_model, tok, prompts, labels, 
     # One host sync per step, at the logging point; then average over ranks.
     names = sorted(m)
     values = all_reduce_mean(torch.tensor([float(m[k]) for k in names], dtype=torch.float64), info)
-    out = dict(zip(names, values.tolist()))
+    out = {k: v if math.isfinite(v) else None for k, v in zip(names, values.tolist())}  # JSON has no NaN
     out.update({f"time_{k}": v for k, v in times.items()}, lr=lr_at(step, cfg), peak_memory_gb=peak_memory_gb(info.device))
     return out
 
@@ -174,7 +202,7 @@ def main(argv=None) -> None:
     device = parse_config(argv, description=__doc__).run.device
     gpu = torch.cuda.is_available() and (device is None or device.startswith("cuda"))
     cfg = parse_config(argv, description=__doc__, gpu=gpu)  # GPU machines get larger defaults
-    info = init_distributed(cfg.run.device)
+    info = init_distributed(cfg.run.device, cfg.run.dist_timeout, need_group=cfg.run.shard == "fsdp")
     try:
         run(cfg, info)
     finally:
@@ -196,6 +224,14 @@ def run(cfg: Config, info: DistInfo) -> None:
     ref_model = None
     if cfg.loss.beta > 0 and cfg.loss.mode != "sft":
         ref_model = models.load_pretrained(model_path, dtype=dtype, device=info.device).eval().requires_grad_(False)
+    sharded = cfg.run.shard == "fsdp"
+    rollout_copy = None
+    if sharded:  # see gtacore/fsdp.py for what each stage does with the shards
+        gpu_bf16 = info.device.type == "cuda"
+        shard_model(policy, mixed_precision=gpu_bf16)
+        if ref_model is not None:
+            shard_model(ref_model, mixed_precision=gpu_bf16)
+        rollout_copy = WholeModel(policy, torch.bfloat16 if gpu_bf16 else dtype, info.device)
     tok = Tokenizer(model_path)
 
     # --- data ---
@@ -214,37 +250,52 @@ def run(cfg: Config, info: DistInfo) -> None:
         if D.max_eval_examples and D.max_eval_examples < len(eval_examples):
             # A seeded sample, not the file's head, so a small budget still sees every class.
             eval_examples = random.Random(cfg.run.seed).sample(eval_examples, D.max_eval_examples)
-    sampler = BatchSampler(len(train_data.examples), cfg.rollout.batch_size, cfg.run.seed, info.rank, info.world_size)
+    sampler = BatchSampler(len(train_data.examples), cfg.rollout.batch_size, cfg.run.seed, info.rank, info.world_size,
+                           source=D.data)
 
     # --- optimizer ---
     params = [p for p in policy.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay,
                                   fused=info.device.type == "cuda")
-    start_step = 0
+    start_step, bad_steps = 0, 0  # bad_steps: consecutive skipped (non-finite) steps
     if resume_from is not None:
         state = load_trainer_state(resume_from, optimizer)
         sampler.load_state_dict(state["sampler"])
-        start_step = state["step"]
+        start_step, bad_steps = state["step"], state.get("bad_steps", 0)
         say(f"resumed from {resume_from} at step {start_step}")
+
+    truncate = cfg.rollout.long_prompts == "truncate"
+
+    def rollout_model():
+        """The model that generates: the policy, or (FSDP) its whole copy, refreshed."""
+        return rollout_copy.refresh(policy) if sharded else policy
 
     def run_eval(tag: str, step: int) -> dict | None:
         if not eval_examples:
             return None
-        report = evaluate(policy, tok, eval_examples, labels, cfg.loss.mode, shots, cfg.rollout.max_new_tokens,
-                          cfg.rollout.max_prompt_tokens, cfg.run.eval_batch_size, progress=cfg.run.progress and info.is_main)
+        report = evaluate(rollout_model(), tok, eval_examples, labels, cfg.loss.mode, shots, cfg.rollout.max_new_tokens,
+                          cfg.rollout.max_prompt_tokens, cfg.run.eval_batch_size, progress=cfg.run.progress and info.is_main,
+                          truncate=truncate)
         if info.is_main:
             with open(out_dir / "eval.jsonl", "a") as f:
                 f.write(json.dumps({"step": step, "tag": tag, **{k: v for k, v in report.items() if k != "samples"}}) + "\n")
         return report
 
     def save(path: Path, step: int) -> None:
+        if not all_finite([local(p) for p in params], info):
+            raise TrainingError(f"the parameters are not finite at step {step}; not writing {path}")
+        state = {"step": step, "sampler": sampler.state_dict(), "bad_steps": bad_steps, "config": cfg.to_dict()}
+        if sharded:  # every rank takes part: weights are gathered, each writes its optimizer shard
+            save_checkpoint(path, policy, model_path, optimizer, state, info)
+            return
         assert_replicas_identical(params, info)
         if info.is_main:
-            state = {"step": step, "sampler": sampler.state_dict(), "config": cfg.to_dict()}
-            save_checkpoint(path, policy, model_path, optimizer, state)
+            save_checkpoint(path, policy, model_path, optimizer, state, info)
 
     if info.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
+        for partial in remove_partial_checkpoints(out_dir):
+            say(f"removed {partial.name}: a checkpoint write that never finished")
         (out_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
     before = run_eval("before", start_step) if start_step == 0 else None
 
@@ -253,13 +304,24 @@ def run(cfg: Config, info: DistInfo) -> None:
     for step in range(start_step, cfg.optim.max_steps):
         t0 = time.perf_counter()
         examples = [train_data.examples[i] for i in sampler.next_batch()]
-        prompts = make_prompts(tok, examples, labels, cfg.loss.mode, shots, cfg.rollout.max_prompt_tokens)
-        metrics = train_step(cfg, step, policy, ref_model, tok, prompts, labels, optimizer, info)
+        prompts = make_prompts(tok, examples, labels, cfg.loss.mode, shots, cfg.rollout.max_prompt_tokens, truncate)
+        gen_model = rollout_model() if cfg.loss.mode != "sft" else None
+        metrics = train_step(cfg, step, policy, gen_model, ref_model, tok, prompts, labels, optimizer, info)
         metrics.update(step=step + 1, time_step=time.perf_counter() - t0)
+        bad_steps = bad_steps + 1 if metrics["skipped"] else 0
+        metrics["bad_steps_in_a_row"] = bad_steps
         if info.is_main:
             with open(out_dir / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(metrics) + "\n")
-        bar.update(1, **{k: metrics[k] for k in ("reward_mean", "sft_loss", "rl_loss") if k in metrics})
+        bar.update(1, **{k: metrics[k] for k in ("reward_mean", "sft_loss", "rl_loss") if metrics.get(k) is not None})
+        if metrics["skipped"]:
+            say(f"\nstep {step + 1}: non-finite loss or gradient; update skipped ({bad_steps} in a row)")
+            if bad_steps >= cfg.optim.max_bad_steps:
+                last = latest_checkpoint(out_dir)
+                raise TrainingError(
+                    f"{bad_steps} steps in a row had a non-finite loss or gradient (the last at step {step + 1}); stopping. "
+                    f"Nothing was written from them; the last checkpoint is {last or 'none'}. Lower --lr, check the "
+                    "data and the model, or raise --max-bad-steps.")
         done = step + 1
         if cfg.run.eval_every and done % cfg.run.eval_every == 0 and done < cfg.optim.max_steps:
             run_eval("periodic", done)
@@ -269,8 +331,9 @@ def run(cfg: Config, info: DistInfo) -> None:
 
     # --- final ---
     save(checkpoint_dir(out_dir, cfg.optim.max_steps), cfg.optim.max_steps)
+    weights = full_state_dict(policy, info.is_main) if sharded else None
     if info.is_main:
-        models.save_pretrained(policy, out_dir / "final", tokenizer_dir=model_path)
+        models.save_pretrained(policy, out_dir / "final", tokenizer_dir=model_path, state_dict=weights)
     after = run_eval("after", cfg.optim.max_steps)
     if info.is_main and after is not None:
         say("\n" + format_table(after))

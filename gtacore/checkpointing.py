@@ -2,13 +2,20 @@
 
     OUTPUT_DIR/checkpoint-STEP/
         config.json, model.safetensors, tokenizer files   <- transformers / vLLM load this
-        trainer_state.safetensors                          <- optimizer tensors
+        trainer_state.safetensors                          <- optimizer tensors (DDP: rank 0 writes all)
+        trainer_state-RRRRR-of-WWWWW.safetensors           <- or, with --shard fsdp, one per rank
         trainer_state.json                                 <- step, sampler position, optimizer groups, config
 
 The folder is written under a temporary name and renamed into place, so a crash
 (even SIGKILL) mid-write leaves only complete checkpoints under their real
-names; `latest_checkpoint` takes the newest one that has its trainer state.
-Nothing is pickled: tensors go to safetensors, the rest to JSON.
+names; `latest_checkpoint` takes the newest one that has its trainer state, and
+`remove_partial_checkpoints` clears what a killed writer left behind. Nothing is
+pickled: tensors go to safetensors, the rest to JSON.
+
+Optimizer state of a sharded run: each rank saves its rows (dim 0) of every
+moment tensor and records which rows they are. Loading reads, for each tensor,
+the rows the loading rank holds from whichever files have them, so a run resumes
+on any number of ranks, sharded or not (a DDP file is one shard holding all rows).
 
 Sampling randomness needs no saved state: each step reseeds its generator from
 (seed, step, rank), so a resumed run draws the same numbers as an unbroken one.
@@ -18,12 +25,19 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+import torch.distributed as dist
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 import models
+from models.checkpoint import CheckpointError
+
+from .distributed import DistInfo
+from .fsdp import as_param_shard, full_state_dict, is_sharded, local, local_rows
 
 STATE_TENSORS = "trainer_state.safetensors"
 STATE_JSON = "trainer_state.json"
@@ -33,22 +47,57 @@ def checkpoint_dir(output_dir: str | Path, step: int) -> Path:
     return Path(output_dir) / f"checkpoint-{step}"
 
 
-def save_checkpoint(path: Path, model, tokenizer_dir, optimizer: torch.optim.Optimizer | None, state: dict) -> Path:
-    """Write model + trainer state to `path` as one atomic folder."""
+def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, list[int]], list]:
+    """This rank's optimizer tensors ("optimizer.{param index}.{key}"), the rows each
+    parameter's tensors cover, and the param groups."""
+    opt_state = optimizer.state_dict()
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    tensors, rows = {}, {}
+    for idx, per_param in opt_state["state"].items():
+        for key, value in per_param.items():
+            tensors[f"optimizer.{idx}.{key}"] = local(torch.as_tensor(value)).detach().cpu().contiguous()
+        rows[str(idx)] = list(local_rows(params[idx]))
+    return tensors, rows, opt_state["param_groups"]
+
+
+def save_checkpoint(path: Path, model, tokenizer_dir, optimizer: torch.optim.Optimizer | None, state: dict,
+                    info: DistInfo | None = None) -> Path:
+    """Write model + trainer state to `path` as one atomic folder.
+
+    Unsharded models: call on rank 0 only. Sharded (FSDP) models: call on every
+    rank; weights are gathered to rank 0, each rank writes its optimizer shard.
+    """
+    sharded = is_sharded(model)
+    info = info or DistInfo()
+    weights = full_state_dict(model, info.is_main) if sharded else None
+    tensors, rows, groups = _optimizer_tensors(optimizer) if optimizer is not None else ({}, {}, [])
+    staging = path.parent / f".{path.name}.state-shards"
+    names = [STATE_TENSORS]
+    if sharded and info.world_size > 1:
+        names = [f"trainer_state-{r:05d}-of-{info.world_size:05d}.safetensors" for r in range(info.world_size)]
+        if info.is_main:
+            shutil.rmtree(staging, ignore_errors=True)
+            staging.mkdir(parents=True)
+        dist.barrier()
+        save_file(tensors, str(staging / names[info.rank]), metadata={"rows": json.dumps(rows)})
+        dist.barrier()
 
     def write_state(tmp: Path) -> None:
-        tensors, groups = {}, []
-        if optimizer is not None:
-            opt_state = optimizer.state_dict()
-            for idx, per_param in opt_state["state"].items():
-                for key, value in per_param.items():
-                    tensors[f"optimizer.{idx}.{key}"] = torch.as_tensor(value).detach().cpu().contiguous()
-            groups = opt_state["param_groups"]
-        save_file(tensors, str(tmp / STATE_TENSORS))
+        if len(names) == 1:
+            save_file(tensors, str(tmp / STATE_TENSORS), metadata={"rows": json.dumps(rows)})
+        else:
+            for name in names:
+                shutil.move(staging / name, tmp / name)
         # Written last: its presence marks the trainer state as complete.
-        (tmp / STATE_JSON).write_text(json.dumps({**state, "optimizer_param_groups": groups}, indent=2, default=list))
+        (tmp / STATE_JSON).write_text(json.dumps({**state, "state_files": names, "optimizer_param_groups": groups},
+                                                 indent=2, default=list))
 
-    return models.save_pretrained(model, path, tokenizer_dir=tokenizer_dir, write_extra=write_state)
+    if info.is_main:
+        models.save_pretrained(model, path, tokenizer_dir=tokenizer_dir, write_extra=write_state, state_dict=weights)
+        shutil.rmtree(staging, ignore_errors=True)
+    if sharded and info.world_size > 1:
+        dist.barrier()  # nobody moves on (or exits) before the checkpoint exists
+    return path
 
 
 def latest_checkpoint(output_dir: str | Path) -> Path | None:
@@ -56,20 +105,62 @@ def latest_checkpoint(output_dir: str | Path) -> Path | None:
     best, best_step = None, -1
     for p in Path(output_dir).glob("checkpoint-*"):
         m = re.fullmatch(r"checkpoint-(\d+)", p.name)
-        if m and (p / STATE_JSON).is_file() and (p / STATE_TENSORS).is_file() and int(m.group(1)) > best_step:
+        if m and (p / STATE_JSON).is_file() and int(m.group(1)) > best_step:
             best, best_step = p, int(m.group(1))
     return best
 
 
+def remove_partial_checkpoints(output_dir: str | Path) -> list[Path]:
+    """Delete the temporary folders of checkpoint writes that never finished (a killed run); return them."""
+    partial = [p for p in Path(output_dir).glob(".checkpoint-*") if p.is_dir()]
+    for p in partial:
+        shutil.rmtree(p, ignore_errors=True)
+    return partial
+
+
 def load_trainer_state(path: Path, optimizer: torch.optim.Optimizer | None) -> dict:
-    """Restore the optimizer from a checkpoint folder; return the JSON trainer state."""
+    """Restore the optimizer from a checkpoint folder (any number of ranks, sharded
+    or not, on either side); return the JSON trainer state."""
     state = json.loads((path / STATE_JSON).read_text())
+    files = state.pop("state_files", [STATE_TENSORS])
     groups = state.pop("optimizer_param_groups")
-    if optimizer is not None:
-        device = optimizer.param_groups[0]["params"][0].device
-        per_param: dict[int, dict] = {}
-        for name, t in load_file(str(path / STATE_TENSORS), device=str(device)).items():
-            _, idx, key = name.split(".", 2)
-            per_param.setdefault(int(idx), {})[key] = t
-        optimizer.load_state_dict({"state": per_param, "param_groups": groups})
+    if optimizer is None:
+        return state
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    for name in files:
+        if not (path / name).is_file():
+            raise CheckpointError(f"{path}: trainer state file {name} is missing")
+    readers = [safe_open(str(path / name), framework="pt", device="cpu") for name in files]
+    covers = [json.loads((r.metadata() or {}).get("rows", "{}")) for r in readers]
+    per_param: dict[int, dict] = {}
+    for idx, p in enumerate(params):
+        prefix = f"optimizer.{idx}."
+        keys = sorted({k.removeprefix(prefix) for r in readers for k in r.keys() if k.startswith(prefix)})
+        for key in keys:
+            per_param.setdefault(idx, {})[key] = _read_rows(readers, covers, idx, prefix + key, p, path)
+    optimizer.load_state_dict({"state": per_param, "param_groups": groups})
     return state
+
+
+def _read_rows(readers, covers, idx: int, name: str, param: torch.Tensor, path: Path) -> torch.Tensor:
+    """The rows of tensor `name` that this rank's shard of `param` covers, gathered from the files."""
+    holders = [(r, c) for r, c in zip(readers, covers) if name in r.keys()]
+    first = holders[0][0].get_slice(name)
+    if len(first.get_shape()) == 0:  # a scalar (AdamW's step count): the same in every file
+        return holders[0][0].get_tensor(name).to(param.device)
+    want_lo, want_hi = local_rows(param)
+    pieces, got = [], 0
+    for reader, cover in holders:
+        sl = reader.get_slice(name)
+        lo, hi = cover.get(str(idx), [0, sl.get_shape()[0]])
+        a, b = max(lo, want_lo), min(hi, want_hi)
+        if a < b:
+            pieces.append(sl[a - lo : b - lo])
+            got += b - a
+    if got != want_hi - want_lo:
+        raise CheckpointError(f"{path}: the optimizer state {name} covers {got} of the rows {want_lo}:{want_hi} this rank needs")
+    rows = torch.cat(pieces) if pieces else holders[0][0].get_slice(name)[0:0]
+    if tuple(rows.shape[1:]) != tuple(param.shape[1:]):
+        raise CheckpointError(f"{path}: the optimizer state {name} has rows of shape {tuple(rows.shape[1:])}, "
+                              f"the parameter {tuple(param.shape[1:])}")
+    return as_param_shard(param, rows.to(param.device))

@@ -42,7 +42,8 @@ class RolloutArgs:
     batch_size: int = opt(4, "prompts per step per rank")
     temperature: float = opt(1.0, "sampling temperature (the policy log-probs use the same T)")
     top_p: float = opt(1.0, "nucleus sampling")
-    max_prompt_tokens: int = opt(1024, "prompts longer than this are an error")
+    max_prompt_tokens: int = opt(1024, "prompt length limit (see --long-prompts)")
+    long_prompts: str = opt("truncate", "a longer prompt: cut its text to fit (counted in the metrics), or stop with an error naming the row", ("truncate", "error"))
     max_new_tokens: int = opt(64, "completion length limit")
 
 
@@ -73,6 +74,7 @@ class OptimArgs:
     schedule: str = opt("constant", "after warmup", ("constant", "cosine"))
     max_grad_norm: float = opt(1.0, "gradient clipping (0 = off)")
     max_steps: int = opt(12, "training steps")
+    max_bad_steps: int = opt(3, "a step with a non-finite loss or gradient is skipped; stop after this many in a row")
 
 
 @dataclass
@@ -84,6 +86,8 @@ class RunArgs:
     eval_batch_size: int = opt(16, "prompts per greedy evaluation batch")
     seed: int = opt(0, "seed for data order, sampling and initialisation")
     device: str | None = opt(None, "cpu or cuda; default: cuda when available")
+    shard: str = opt("ddp", "ddp: every rank holds the whole model and optimizer; fsdp: FSDP2 shards them per block", ("ddp", "fsdp"))
+    dist_timeout: float = opt(600.0, "seconds a collective may wait for the other ranks before the run fails")
     progress: bool = opt(True, "show a progress bar on rank 0")
 
 

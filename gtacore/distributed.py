@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -28,18 +29,29 @@ class DistInfo:
         return self.world_size > 1
 
 
-def init_distributed(device: str | None = None) -> DistInfo:
+def init_distributed(device: str | None = None, timeout_s: float = 600.0, need_group: bool = False) -> DistInfo:
+    """Join torchrun's process group (NCCL on GPUs, gloo on CPU). Without torchrun:
+    one process, and a one-rank group only if `need_group` (FSDP needs one).
+
+    `timeout_s` bounds how long a collective waits for a rank that is gone, so a
+    multi-node job whose peer died fails instead of hanging. (On one node torchrun
+    itself stops the other ranks as soon as one exits with an error.)
+    """
     want_cuda = torch.cuda.is_available() if device is None else device.startswith("cuda")
+    timeout = timedelta(seconds=timeout_s)
     if "RANK" not in os.environ:
-        return DistInfo(device=torch.device("cuda" if want_cuda else "cpu"))
+        info = DistInfo(device=torch.device("cuda" if want_cuda else "cpu"))
+        if need_group and not dist.is_initialized():
+            dist.init_process_group("nccl" if want_cuda else "gloo", store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
+        return info
     rank, world, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", 0))
     if want_cuda:
         torch.cuda.set_device(local)
         dev = torch.device("cuda", local)
-        dist.init_process_group("nccl", device_id=dev)
+        dist.init_process_group("nccl", device_id=dev, timeout=timeout)
     else:
         dev = torch.device("cpu")
-        dist.init_process_group("gloo")
+        dist.init_process_group("gloo", timeout=timeout)
     return DistInfo(rank, world, local, dev)
 
 
@@ -67,7 +79,7 @@ def all_reduce_grads_(grads: list[torch.Tensor | None], info: DistInfo) -> None:
 
 
 def shutdown(info: DistInfo) -> None:
-    if info.distributed and dist.is_initialized():
+    if dist.is_initialized():
         dist.destroy_process_group()
 
 
@@ -80,3 +92,33 @@ def assert_replicas_identical(params: list[torch.Tensor], info: DistInfo) -> Non
     dist.all_gather(gathered, fingerprint)
     if any(not torch.equal(gathered[0], g) for g in gathered[1:]):
         raise RuntimeError("data-parallel ranks hold different parameters")
+
+
+def grad_norm_and_health(grads: list[torch.Tensor], losses: list[torch.Tensor], info: DistInfo, sharded: bool):
+    """(global L2 norm of the gradients, True if it and every rank's losses are finite).
+
+    `grads` are this rank's tensors: whole synchronized gradients (DDP) or shards
+    (FSDP). One small all-reduce carries [squared norm, non-finite count]: summed
+    over ranks for shards, max for replicated gradients (every rank has the same
+    norm, so max keeps it bit for bit). The boolean is the one host sync.
+    """
+    sq = torch.zeros((), dtype=torch.float32, device=info.device)
+    if grads:
+        sq = torch.stack([n.float() for n in torch._foreach_norm(grads)]).square().sum()
+    # Counts of non-finite values travel as a separate entry: MAX may drop a NaN.
+    bad = (~torch.isfinite(sq)).float() + sum(((~torch.isfinite(x.detach())).sum().float() for x in losses), sq.new_zeros(()))
+    packed = torch.stack([sq, bad])
+    if info.distributed:
+        dist.all_reduce(packed, op=dist.ReduceOp.SUM if sharded else dist.ReduceOp.MAX)
+    norm = packed[0].sqrt()
+    return norm, bool(torch.isfinite(norm) & (packed[1] == 0))
+
+
+def all_finite(tensors: list[torch.Tensor], info: DistInfo) -> bool:
+    """True if every element of every rank's tensors is finite (a collective when distributed)."""
+    bad = torch.zeros((), dtype=torch.float32, device=info.device)
+    for t in tensors:
+        bad += (~torch.isfinite(t.detach())).sum()
+    if info.distributed:
+        dist.all_reduce(bad)
+    return bool(bad == 0)

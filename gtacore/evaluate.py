@@ -23,15 +23,18 @@ from .rollout import make_prompts
 
 @torch.no_grad()
 def evaluate(model, tok: Tokenizer, data: list[Example], labels: list[str], mode: str, shots: list[Example],
-             max_new_tokens: int, max_prompt_tokens: int, batch_size: int = 16, progress: bool = False) -> dict:
+             max_new_tokens: int, max_prompt_tokens: int, batch_size: int = 16, progress: bool = False,
+             truncate: bool = False) -> dict:
     """Greedy-decode every example; return the metrics dict (see module docstring)."""
     was_training = model.training
     model.eval()
     golds, guesses, answers, formats, samples = [], [], [], [], []
+    truncated = 0
     bar = Progress(len(data), "eval", enabled=progress)
     for start in range(0, len(data), batch_size):
         chunk = data[start : start + batch_size]
-        prompts = make_prompts(tok, chunk, labels, mode, shots, max_prompt_tokens)
+        prompts = make_prompts(tok, chunk, labels, mode, shots, max_prompt_tokens, truncate)
+        truncated += sum(p.truncated for p in prompts)
         gen = generate(model, [p.ids for p in prompts], SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0),
                        tok.stop_token_ids, tok.pad_token_id)
         lengths = gen.mask.sum(-1).tolist()
@@ -49,6 +52,7 @@ def evaluate(model, tok: Tokenizer, data: list[Example], labels: list[str], mode
     model.train(was_training)
     report = classification_report(golds, answers, labels)
     report["format_rate"] = sum(formats) / max(len(formats), 1)
+    report["truncated_prompts"] = truncated
     if mode == "gta":
         report["guess_accuracy"] = sum(g == y for g, y in zip(guesses, golds)) / max(len(golds), 1)
         report["guess_answer_changes"] = guess_answer_changes(golds, guesses, answers)
@@ -73,6 +77,8 @@ def main(argv=None) -> None:
     ap.add_argument("--shots", type=int, default=1)
     ap.add_argument("--max-new-tokens", type=int, default=64)
     ap.add_argument("--max-prompt-tokens", type=int, default=1024)
+    ap.add_argument("--long-prompts", default="truncate", choices=("truncate", "error"),
+                    help="a prompt over --max-prompt-tokens: cut its text to fit (counted), or fail naming the row")
     ap.add_argument("--max-examples", type=int, default=0, help="0 = all")
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--seed", type=int, default=0)
@@ -86,7 +92,7 @@ def main(argv=None) -> None:
     model = load_pretrained(args.model, device=args.device)
     tok = Tokenizer(args.model)
     report = evaluate(model, tok, examples, data.labels, args.mode, shots, args.max_new_tokens, args.max_prompt_tokens,
-                      args.batch_size, progress=True)
+                      args.batch_size, progress=True, truncate=args.long_prompts == "truncate")
     print(format_table(report))
     if args.output:
         Path(args.output).write_text(json.dumps(report, indent=2))

@@ -13,7 +13,7 @@ import torch
 from models.generate import SamplingParams, generate
 from models.tokenizer import Tokenizer
 
-from .data import Example
+from .data import DataError, Example
 from .prompts import build_messages, rl_mask, sft_target_ids, span_codes
 from .rewards import batch_rewards, group_advantages
 
@@ -23,17 +23,40 @@ class Prompt:
     text: str  # the rendered chat prompt
     ids: list[int]
     example: Example
+    truncated: bool = False  # the example's text was cut to fit max_prompt_tokens
 
 
-def make_prompts(tok: Tokenizer, examples: list[Example], labels: list[str], mode: str, shots: list[Example], max_tokens: int) -> list[Prompt]:
+def make_prompts(tok: Tokenizer, examples: list[Example], labels: list[str], mode: str, shots: list[Example],
+                 max_tokens: int, truncate: bool = False) -> list[Prompt]:
+    """Render each example's chat prompt. One longer than `max_tokens` tokens is an
+    error naming the row, or with `truncate` keeps the head of the example's text
+    that fits (the instructions, label list and worked examples stay whole)."""
     shot_pairs = [(s.text, s.label) for s in shots]
+
+    def render(text: str) -> tuple[str, list[int]]:
+        prompt = tok.apply_chat_template(build_messages(text, labels, mode, shot_pairs))
+        return prompt, tok.encode(prompt)
+
     out = []
     for ex in examples:
-        text = tok.apply_chat_template(build_messages(ex.text, labels, mode, shot_pairs))
-        ids = tok.encode(text)
+        prompt, ids = render(ex.text)
+        if len(ids) <= max_tokens:
+            out.append(Prompt(prompt, ids, ex))
+            continue
+        if not truncate:
+            raise DataError(f"{ex.source}: the prompt has {len(ids)} tokens, more than --max-prompt-tokens {max_tokens} "
+                            "(raise it, or pass --long-prompts truncate to cut long texts)")
+        _, offsets = tok.encode_with_offsets(ex.text)
+        keep = len(offsets)
+        while len(ids) > max_tokens and keep > 0:
+            # Drop as many text tokens as the prompt is over; tokens can merge across
+            # the cut, so re-render and repeat until it fits.
+            keep = max(0, keep - (len(ids) - max_tokens))
+            prompt, ids = render(ex.text[: offsets[keep - 1][1]] if keep else "")
         if len(ids) > max_tokens:
-            raise ValueError(f"{ex.source}: the prompt has {len(ids)} tokens, more than --max-prompt-tokens {max_tokens}")
-        out.append(Prompt(text, ids, ex))
+            raise DataError(f"{ex.source}: even with its text removed the prompt has {len(ids)} tokens, more than "
+                            f"--max-prompt-tokens {max_tokens}: the instructions and worked examples alone are too long")
+        out.append(Prompt(prompt, ids, ex, truncated=True))
     return out
 
 

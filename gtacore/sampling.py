@@ -16,10 +16,12 @@ class BatchSampler:
     it as the global batch, and rank r takes the r-th slice of batch_size: ranks
     see disjoint shards and their union is the global batch. The incomplete last
     global batch of an epoch is dropped, so every step has the same shape. The
-    state is (epoch, step); the permutation is recomputed from it.
+    state is (epoch, step); the permutation is recomputed from it. `source` (the
+    data file) only names the data in errors.
     """
 
-    def __init__(self, n: int, batch_size: int, seed: int = 0, rank: int = 0, world_size: int = 1):
+    def __init__(self, n: int, batch_size: int, seed: int = 0, rank: int = 0, world_size: int = 1,
+                 source: str | None = None):
         if batch_size < 1 or world_size < 1 or not 0 <= rank < world_size or seed < 0:
             raise ValueError(
                 f"need batch_size >= 1, world_size >= 1, 0 <= rank < world_size and seed >= 0; got "
@@ -29,7 +31,8 @@ class BatchSampler:
         self.global_batch = batch_size * world_size
         if n < self.global_batch:
             raise DataError(
-                f"{n} examples are fewer than one global batch ({batch_size} per rank x {world_size} ranks "
+                (f"{source}: " if source else "")
+                + f"{n} examples are fewer than one global batch ({batch_size} per rank x {world_size} ranks "
                 f"= {self.global_batch}); lower the batch size or add data"
             )
         self.steps_per_epoch = n // self.global_batch

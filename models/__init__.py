@@ -62,13 +62,15 @@ def save_pretrained(
     tokenizer_dir: str | Path | None = None,
     max_shard_bytes: int = 5 * 1024**3,
     write_extra=None,
+    state_dict: dict[str, torch.Tensor] | None = None,
 ) -> Path:
     """Write `model` as an HF-layout checkpoint that `transformers` and vLLM load.
 
     Tied embeddings are stored once (no `lm_head.weight`), as Hugging Face does.
-    The folder appears complete or not at all.
+    The folder appears complete or not at all. `state_dict` replaces the model's
+    own tensors (e.g. whole tensors gathered from a sharded model).
     """
-    tensors = dict(model.state_dict())
+    tensors = dict(model.state_dict() if state_dict is None else state_dict)
     if model.config.tie_word_embeddings:
         tensors.pop("lm_head.weight", None)
     dtype = next(iter(tensors.values())).dtype
