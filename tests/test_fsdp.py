@@ -1,0 +1,77 @@
+"""--shard fsdp on CPU with gloo: FSDP2 against DDP, the constraint on shards, sharded checkpoints."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from train_fixtures import write_dataset, write_tiny_checkpoint
+
+pytest.importorskip("transformers")
+ROOT = Path(__file__).resolve().parents[1]
+ENV = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("fsdp")
+    return write_tiny_checkpoint(root / "model"), write_dataset(root / "train.jsonl", 24), write_dataset(root / "test.jsonl", 6, seed=1)
+
+
+def _train(setup, out, steps, *extra, ranks=2, batch=2):
+    model, data, test = setup
+    args = ["--model", str(model), "--data", str(data), "--eval-data", str(test), "--max-steps", str(steps),
+            "--output-dir", str(out), "--batch-size", str(batch), "--group-size", "3", "--max-new-tokens", "12",
+            "--lr", "1e-3", "--beta", "0.05", "--num-iterations", "2", "--eval-every", "0", "--no-progress",
+            "--device", "cpu", *extra]
+    launcher = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(ranks)] if ranks > 1 else []
+    res = subprocess.run([sys.executable, *launcher, str(ROOT / "train.py"), *args], cwd=ROOT, env=ENV,
+                         capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-4000:]
+    return load_file(out / "final" / "model.safetensors")
+
+
+def test_sharded_gradients_constraint_and_checkpoints(setup, tmp_path):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(ROOT / "tests" / "dist_fsdp_worker.py"), str(setup[0]), str(tmp_path)]
+    res = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-4000:]
+    reports = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    assert reports[0]["conflicts"] == reports[1]["conflicts"]
+    assert sorted((tmp_path / "sharded-ckpt").glob("trainer_state-*-of-00002.safetensors"))[1].name.startswith("trainer_state-00001")
+
+
+def test_fsdp_and_ddp_train_the_same(setup, tmp_path):
+    ddp = _train(setup, tmp_path / "ddp", 3, "--shard", "ddp")
+    fsdp = _train(setup, tmp_path / "fsdp", 3, "--shard", "fsdp")
+    start = load_file(setup[0] / "model.safetensors")
+    assert ddp.keys() == fsdp.keys() == start.keys()  # the same HF layout (tied head stored once)
+    for k in ddp:
+        moved = float((ddp[k] - start[k]).abs().max())
+        assert moved > 0, k
+        assert float((ddp[k] - fsdp[k]).abs().max()) <= 1e-3 * moved, k
+    rows = [[json.loads(line) for line in (tmp_path / m / "metrics.jsonl").read_text().splitlines()] for m in ("ddp", "fsdp")]
+    for a, b in zip(*rows):
+        for key in ("reward_mean", "sft_loss", "rl_loss", "kl", "train_accuracy"):
+            assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-6), key
+
+
+def test_fsdp_resume_is_exact_and_works_on_other_rank_counts(setup, tmp_path):
+    full = _train(setup, tmp_path / "full", 4, "--shard", "fsdp", "--save-every", "2")
+    _train(setup, tmp_path / "part", 2, "--shard", "fsdp", "--save-every", "2")
+    assert len(list((tmp_path / "part" / "checkpoint-2").glob("trainer_state-*.safetensors"))) == 2
+    resumed = _train(setup, tmp_path / "part", 4, "--shard", "fsdp", "--save-every", "2", "--resume")
+    for k in full:
+        assert torch.equal(full[k], resumed[k]), k
+    # The same checkpoint on one process (same global batch): unsharded, and sharded over one rank.
+    for shard in ("ddp", "fsdp"):
+        out = tmp_path / f"one-{shard}"
+        out.mkdir()
+        os.symlink(tmp_path / "part" / "checkpoint-2", out / "checkpoint-2")
+        _train(setup, out, 3, "--shard", shard, "--resume", ranks=1, batch=4)
+        assert json.loads((out / "metrics.jsonl").read_text().splitlines()[0])["step"] == 3
