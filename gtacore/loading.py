@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .data import ClassificationData, Example, apply_recipe, load_examples, read_label_file
+from .data import ClassificationData, DataError, Example, apply_recipe, load_examples, read_label_file
 from .sampling import few_shot_examples
 
 
@@ -30,4 +30,9 @@ def load_dataset_from_args(path: str, shots_path: str | None, recipe: str | None
     data = load_examples(path, text_field, label_field, labels=allowed, label_names=label_names, on_unknown_label=on_unknown)
     source = data if shots_path in (None, path) else load_examples(shots_path, text_field, label_field, labels=data.labels,
                                                                     label_names=label_names, on_unknown_label=on_unknown)
-    return data, few_shot_examples(source, shots, seed) if shots else []
+    if not shots:
+        return data, []
+    try:
+        return data, few_shot_examples(source, shots, seed)
+    except DataError as e:  # too few examples for the shots: name the file they come from
+        raise DataError(f"{shots_path or path}: {e}") from None

@@ -46,8 +46,10 @@ def _tensor_files(path: Path) -> dict[str, Path]:
     if index.is_file():
         try:
             weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
             raise CheckpointError(f"{index}: malformed index ({e})") from e
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise CheckpointError(f"{index}: malformed index (weight_map must map tensor names to shard file names)")
         files = {name: path / shard for name, shard in weight_map.items()}
         for shard in sorted(set(files.values())):
             if not shard.is_file():
@@ -96,14 +98,17 @@ def read_tensors(
     for file, names in by_file.items():
         try:
             with safe_open(str(file), framework="pt", device=str(device)) as f:
+                absent = sorted(set(names) - set(f.keys()))
+                if absent:  # only a sharded index can place a tensor in a file that lacks it
+                    raise CheckpointError(f"{file}: does not hold tensors {', '.join(absent[:10])}, which {INDEX_FILE} places there")
                 for name in names:
                     shape = torch.Size(f.get_slice(name).get_shape())
                     if shape != expected[name][0]:
-                        raise CheckpointError(f"{file.name}: tensor {name} has shape {tuple(shape)}, expected {tuple(expected[name][0])}")
+                        raise CheckpointError(f"{file}: tensor {name} has shape {tuple(shape)}, expected {tuple(expected[name][0])}")
                 for name in names:
                     t = f.get_tensor(name)
                     if not (t.is_floating_point()):
-                        raise CheckpointError(f"{file.name}: tensor {name} has dtype {t.dtype}, expected a floating-point tensor")
+                        raise CheckpointError(f"{file}: tensor {name} has dtype {t.dtype}, expected a floating-point tensor")
                     yield name, t.to(dtype or expected[name][1])
         except (SafetensorError, OSError) as e:
             raise CheckpointError(f"{file}: unreadable safetensors file ({e}); is it truncated?") from e

@@ -53,6 +53,24 @@ class ModelConfig:
         def reject(key: str, value: Any, why: str = "is not supported") -> None:
             raise ConfigError(f"{source}: {key}={value!r} {why}")
 
+        # Strict types: int() would quietly turn a corrupt 3.5 into 3, and a string or
+        # null would fail far from here with no key named.
+        def integer(key: str, value: Any) -> int:
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                reject(key, value, "must be a positive integer")
+            return value
+
+        def number(key: str, value: Any) -> float:
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+                reject(key, value, "must be a positive number")
+            return float(value)
+
+        def table(key: str) -> dict | None:
+            value = d.get(key)
+            if value is not None and not isinstance(value, dict):
+                reject(key, value, "must be a JSON object or null")
+            return value
+
         model_type = need("model_type")
         if model_type not in SUPPORTED_MODEL_TYPES:
             reject("model_type", model_type, f"is not supported (supported: {', '.join(SUPPORTED_MODEL_TYPES)})")
@@ -65,7 +83,7 @@ class ModelConfig:
             reject("pretraining_tp", d["pretraining_tp"])
         if model_type in ("qwen2", "qwen3") and d.get("use_sliding_window", False):
             reject("use_sliding_window", True, "is not supported (full attention only)")
-        rope_scaling = d.get("rope_scaling")
+        rope_scaling = table("rope_scaling")
         rope_type = None
         if rope_scaling is not None:
             rope_type = rope_scaling.get("rope_type", rope_scaling.get("type"))
@@ -74,19 +92,24 @@ class ModelConfig:
             if rope_type == "default":
                 rope_scaling = None
         # transformers 5 moves rope_theta into rope_parameters; accept both.
-        rope_params = d.get("rope_parameters") or {}
+        rope_params = table("rope_parameters") or {}
         if rope_params.get("rope_type") not in (None, "default", "llama3"):
             reject("rope_parameters.rope_type", rope_params.get("rope_type"))
         if rope_scaling is None and rope_params.get("rope_type") == "llama3":
             rope_scaling = rope_params
+        if rope_scaling is not None:  # llama3 scaling: models/rope.py reads these two
+            for key in ("factor", "original_max_position_embeddings"):
+                if key not in rope_scaling:
+                    raise ConfigError(f"{source}: llama3 rope scaling is missing required key {key!r}")
+                number(f"rope_scaling.{key}", rope_scaling[key])
         rope_theta = d.get("rope_theta", rope_params.get("rope_theta", 10000.0))
         if d.get("partial_rotary_factor", 1.0) != 1.0:
             reject("partial_rotary_factor", d["partial_rotary_factor"])
 
-        hidden = int(need("hidden_size"))
-        heads = int(need("num_attention_heads"))
-        kv_heads = int(d.get("num_key_value_heads") or heads)
-        head_dim = int(d.get("head_dim") or hidden // heads)
+        hidden = integer("hidden_size", need("hidden_size"))
+        heads = integer("num_attention_heads", need("num_attention_heads"))
+        kv_heads = integer("num_key_value_heads", d.get("num_key_value_heads") or heads)
+        head_dim = integer("head_dim", d.get("head_dim") or hidden // heads)
         if heads % kv_heads:
             reject("num_key_value_heads", kv_heads, f"must divide num_attention_heads={heads}")
         if model_type == "llama":
@@ -97,21 +120,21 @@ class ModelConfig:
             qkv_bias = o_bias = bool(d.get("attention_bias", False))
         return cls(
             model_type=model_type,
-            vocab_size=int(need("vocab_size")),
+            vocab_size=integer("vocab_size", need("vocab_size")),
             hidden_size=hidden,
-            intermediate_size=int(need("intermediate_size")),
-            num_hidden_layers=int(need("num_hidden_layers")),
+            intermediate_size=integer("intermediate_size", need("intermediate_size")),
+            num_hidden_layers=integer("num_hidden_layers", need("num_hidden_layers")),
             num_attention_heads=heads,
             num_key_value_heads=kv_heads,
             head_dim=head_dim,
-            rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)),
-            rope_theta=float(rope_theta),
+            rms_norm_eps=number("rms_norm_eps", d.get("rms_norm_eps", 1e-6)),
+            rope_theta=number("rope_theta", rope_theta),
             rope_scaling=rope_scaling,
             tie_word_embeddings=bool(d.get("tie_word_embeddings", model_type != "llama")),
             qkv_bias=qkv_bias,
             o_bias=o_bias,
             qk_norm=model_type == "qwen3",
-            max_position_embeddings=int(d.get("max_position_embeddings", 4096)),
+            max_position_embeddings=integer("max_position_embeddings", d.get("max_position_embeddings", 4096)),
             bos_token_id=d.get("bos_token_id"),
             eos_token_id=d.get("eos_token_id"),
             torch_dtype=d.get("torch_dtype", d.get("dtype")),

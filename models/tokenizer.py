@@ -38,7 +38,10 @@ class Tokenizer:
         file = path / "tokenizer.json"
         if not file.is_file():
             raise TokenizerError(f"{path}: no tokenizer.json")
-        self._tok = _HFTokenizer.from_file(str(file))
+        try:
+            self._tok = _HFTokenizer.from_file(str(file))
+        except Exception as e:  # noqa: BLE001 (the Rust library raises a bare Exception naming no file)
+            raise TokenizerError(f"{file}: cannot load: {e}") from None
         cfg = _read_json(path / "tokenizer_config.json")
         gen = _read_json(path / "generation_config.json")
         self.chat_template = _chat_template(path, cfg)
