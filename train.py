@@ -141,7 +141,10 @@ def train_step(cfg: Config, step: int, policy, rollout_model, ref_model, tok, pr
         if rl is not None:
             rl_grads, out = results[-1]
             s = out.stats
-            m.update(rl_loss=out.rl_loss, kl=s["kl"].mean(), clip_fraction=s["clipped"].float().mean(), entropy=s["entropy"].mean())
+            # Token averages as (sum, count): a rank whose rollouts left no RL token adds nothing.
+            n = torch.tensor(float(s["kl"].numel()))
+            m.update(rl_loss=out.rl_loss, kl=(s["kl"].sum(), n), clip_fraction=(s["clipped"].float().sum(), n),
+                     entropy=(s["entropy"].sum(), n))
         if not sharded:  # FSDP's backward already reduce-scattered them
             for grads in (sft_grads, rl_grads):
                 if grads is not None:
@@ -188,8 +191,11 @@ def train_step(cfg: Config, step: int, policy, rollout_model, ref_model, tok, pr
             m["guess_accuracy"] = sum(p.guess == y for p, y in zip(ro.parsed, golds)) / len(golds)
     # One host sync per step, at the logging point; then average over ranks.
     names = sorted(m)
-    values = all_reduce_mean(torch.tensor([float(m[k]) for k in names], dtype=torch.float64), info)
-    out = {k: v if math.isfinite(v) else None for k, v in zip(names, values.tolist())}  # JSON has no NaN
+    pairs = [m[k] if isinstance(m[k], tuple) else (m[k], 1.0) for k in names]
+    values = all_reduce_mean(torch.tensor([float(x) for pair in pairs for x in pair], dtype=torch.float64), info)
+    sums, counts = values.view(-1, 2).unbind(1)  # [len(names)] each
+    out = {k: v / c if c > 0 and math.isfinite(v / c) else None  # JSON has no NaN
+           for k, v, c in zip(names, sums.tolist(), counts.tolist())}
     out.update({f"time_{k}": v for k, v in times.items()}, lr=lr_at(step, cfg), peak_memory_gb=peak_memory_gb(info.device))
     return out
 
