@@ -33,6 +33,7 @@ from gtacore.distributed import (DistInfo, all_finite, all_reduce_grads_, all_re
 from gtacore.evaluate import evaluate
 from gtacore.fsdp import WholeModel, constrain_sharded_gradients, full_state_dict, local, reshard, shard_model
 from gtacore.loading import load_dataset_from_args
+from gtacore.memory import StepShape, estimate_memory, format_estimate
 from gtacore.metrics import format_table
 from gtacore.batch import RL_ROW, SFT_ROW, pack
 from gtacore.policy import packed_logprobs, plain_backward
@@ -200,6 +201,20 @@ def train_step(cfg: Config, step: int, policy, rollout_model, ref_model, tok, pr
     return out
 
 
+def memory_estimate(cfg: Config, model_config, tok, examples, labels, shots, info: DistInfo, truncate: bool) -> dict:
+    """The per-rank memory estimate (gtacore/memory.py) for this run's shapes; prompt and
+    target lengths are measured on the first examples."""
+    sample = make_prompts(tok, examples[:32], labels, cfg.loss.mode, shots, cfg.rollout.max_prompt_tokens, truncate)
+    targets, _ = sft_targets(tok, sample, "gta" if cfg.loss.mode == "grpo" else cfg.loss.mode)
+    shape = StepShape(batch=cfg.rollout.batch_size, group=cfg.rollout.group_size, prompt_tokens=max(len(p.ids) for p in sample),
+                      new_tokens=cfg.rollout.max_new_tokens, sft_tokens=max(len(t) for t in targets), mode=cfg.loss.mode,
+                      reference=cfg.loss.beta > 0)
+    param_bytes = models.parse_dtype(cfg.model.dtype).itemsize
+    gpu = info.device.type == "cuda"
+    return estimate_memory(model_config, shape, world=info.world_size, sharded=cfg.run.shard == "fsdp",
+                           param_bytes=param_bytes, compute_bytes=2 if gpu else param_bytes, autocast=gpu)
+
+
 BUNDLED_TRAIN = Path(__file__).resolve().parent / "data" / "emotion_train.jsonl"
 BUNDLED_TEST = BUNDLED_TRAIN.with_name("emotion_test.jsonl")
 
@@ -298,8 +313,11 @@ def run(cfg: Config, info: DistInfo) -> None:
         if info.is_main:
             save_checkpoint(path, policy, model_path, optimizer, state, info)
 
+    estimate = memory_estimate(cfg, policy.config, tok, train_data.examples, labels, shots, info, truncate)
     if info.is_main:
+        say(format_estimate(estimate, f"memory estimate per rank ({cfg.run.shard}, {info.world_size} rank(s)):"))
         out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "memory_estimate.json").write_text(json.dumps({k: v / 1e9 for k, v in estimate.items()}, indent=2))
         for partial in remove_partial_checkpoints(out_dir):
             say(f"removed {partial.name}: a checkpoint write that never finished")
         (out_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
@@ -356,6 +374,9 @@ def run(cfg: Config, info: DistInfo) -> None:
             say(f"curves: {plot_runs([out_dir], out_dir / 'curves.png', title=f'{cfg.loss.mode} on {Path(D.data).name}')}")
         except SystemExit as e:  # matplotlib is optional
             say(f"no plot: {e}")
+    measured = peak_memory_gb(info.device)
+    say(f"peak memory: {measured:.3f} GB measured ({'allocated by torch' if info.device.type == 'cuda' else 'process RSS'}), "
+        f"{estimate['peak'] / 1e9:.3f} GB estimated")
     say(f"outputs in {out_dir}")
 
 

@@ -1,0 +1,152 @@
+"""Per-rank device memory of a training step, estimated from the shapes; printed at start.
+
+A step has two phases, and the peak is the larger:
+
+    rollout:  weights, optimizer state, reference model, (FSDP) the whole copy that
+              generates, the KV cache [L, 2, B*G, P+T, Hkv, Dh], the sampling logits
+    training: weights, optimizer state, reference model, (FSDP) the whole copy,
+              the gradients (gta holds two: SFT and RL stay apart until the
+              constraint), saved activations of the prompt pass and one branch,
+              the fused LM-head loss's chunk logits and fp32 head gradient,
+              (FSDP) the gathered units, (DDP) the flat all-reduce buffer,
+              (autocast) the bf16 copies of fp32 weights
+
+Counted per rank: with FSDP, weights, gradients and optimizer state are divided
+by the number of ranks; with DDP they are not. Saved activations per token per
+layer are the tensors a Llama/Qwen block keeps for its backward:
+
+    x and norm(x) before attention and before the MLP   4 D
+    q, k, v and the attention output (SDPA), o_proj in   3 H*Dh + 2 Hkv*Dh
+    gate, silu(gate), up, and down_proj's input           4 F   (F: intermediate size)
+    (Qwen3) q and k around their RMSNorm                  2 (H + Hkv) Dh
+
+Not counted: the CUDA context and allocator slack (typically 0.5-2 GB), the
+attention scores of the explicit-mask SDPA fallback (quadratic in a group's
+length; zero with flash attention), and Python-side buffers. So the estimate
+is a floor to compare with `torch.cuda.max_memory_allocated`, not with
+nvidia-smi.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from models.config import ModelConfig
+
+GB = 1e9
+
+
+def parameter_count(mc: ModelConfig) -> tuple[int, int, int]:
+    """(all parameters, one block's, the root's: embedding + final norm + untied head) of the Decoder."""
+    D, F, H, Hkv, Dh = mc.hidden_size, mc.intermediate_size, mc.num_attention_heads, mc.num_key_value_heads, mc.head_dim
+    attn = D * H * Dh + 2 * D * Hkv * Dh + H * Dh * D
+    if mc.qkv_bias:
+        attn += H * Dh + 2 * Hkv * Dh
+    if mc.o_bias:
+        attn += D
+    if mc.qk_norm:
+        attn += 2 * Dh
+    block = attn + 3 * D * F + 2 * D
+    root = mc.vocab_size * D * (1 if mc.tie_word_embeddings else 2) + D
+    return block * mc.num_hidden_layers + root, block, root
+
+
+def activation_bytes_per_token_layer(mc: ModelConfig, dtype_bytes: int) -> int:
+    """Bytes a block saves for its backward per token (see the module docstring)."""
+    D, F, H, Hkv, Dh = mc.hidden_size, mc.intermediate_size, mc.num_attention_heads, mc.num_key_value_heads, mc.head_dim
+    elements = 4 * D + 3 * H * Dh + 2 * Hkv * Dh + 4 * F
+    if mc.qk_norm:  # q and k before and after their RMSNorm
+        elements += 2 * (H + Hkv) * Dh
+    return elements * dtype_bytes
+
+
+@dataclass
+class StepShape:
+    batch: int  # prompts per rank
+    group: int  # G
+    prompt_tokens: int  # the longest prompt
+    new_tokens: int  # max_new_tokens
+    sft_tokens: int  # teacher-forced target length (gta/sft)
+    mode: str
+    reference: bool  # a reference model is loaded (beta > 0)
+
+
+def estimate_memory(mc: ModelConfig, shape: StepShape, *, world: int, sharded: bool, param_bytes: int,
+                    compute_bytes: int, autocast: bool) -> dict[str, float]:
+    """Bytes per rank of each part, the two phases and the peak (see the module docstring)."""
+    P, block, root = parameter_count(mc)
+    s = world if sharded else 1
+    D, F, H, Hkv, Dh, L, V = (mc.hidden_size, mc.intermediate_size, mc.num_attention_heads, mc.num_key_value_heads,
+                              mc.head_dim, mc.num_hidden_layers, mc.vocab_size)
+    B, G, T, Pt = shape.batch, shape.group, shape.new_tokens, shape.prompt_tokens
+    rl = shape.mode != "sft"
+    n_grads = 2 if shape.mode == "gta" else 1
+    parts = {
+        "weights": P * param_bytes / s,
+        "optimizer": 2 * P * param_bytes / s,  # AdamW's two moments, in the parameters' dtype
+        "reference": P * param_bytes / s if shape.reference and rl else 0.0,
+        "rollout_copy": P * compute_bytes if sharded else 0.0,
+        "autocast_copies": P * compute_bytes if autocast and not sharded and compute_bytes != param_bytes else 0.0,
+    }
+    rows = B * G if rl else 0
+    parts["kv_cache"] = 2 * L * (rows + B) * (Pt + T) * Hkv * Dh * compute_bytes if rl else 0.0
+    parts["sampling_logits"] = 3 * rows * V * 4
+    parts["gradients"] = n_grads * P * param_bytes / s
+    parts["allreduce_buffer"] = P * param_bytes if not sharded and world > 1 else 0.0
+    tokens = B * Pt + max(rows * T, B * shape.sft_tokens)  # the prompt pass and the larger branch
+    per_token_layer = activation_bytes_per_token_layer(mc, compute_bytes)
+    parts["activations"] = tokens * (L * per_token_layer + 2 * D * compute_bytes)  # + the final norm's input and output
+    loss_rows = max(rows * T, B * shape.sft_tokens, 1)
+    chunk = min(max(loss_rows * D // V, 256), loss_rows)
+    parts["loss_logits"] = 2 * chunk * V * 4 + V * D * 4 + loss_rows * D * 4  # logits + grad, fp32 head grad, grad_hidden
+    parts["gathered_units"] = (2 * block + root) * compute_bytes if sharded else 0.0
+
+    shared = ("weights", "optimizer", "reference", "rollout_copy", "autocast_copies")
+    rollout = sum(parts[k] for k in shared) + parts["kv_cache"] + parts["sampling_logits"]
+    training = sum(parts[k] for k in shared) + sum(parts[k] for k in ("gradients", "allreduce_buffer", "activations",
+                                                                        "loss_logits", "gathered_units"))
+    return {**parts, "phase_rollout": rollout, "phase_training": training, "peak": max(rollout, training)}
+
+
+def _size(n: float) -> str:
+    return f"{n / GB:9.2f} GB" if n >= 0.1 * GB else f"{n / 1e6:9.2f} MB"
+
+
+def format_estimate(est: dict[str, float], header: str) -> str:
+    lines = [header]
+    for k, v in est.items():
+        if not (k.startswith("phase_") or k == "peak" or v == 0):
+            lines.append(f"  {k:<18}{_size(v)}")
+    lines.append(f"  {'rollout phase':<18}{_size(est['phase_rollout'])}")
+    lines.append(f"  {'training phase':<18}{_size(est['phase_training'])}")
+    lines.append(f"  {'predicted peak':<18}{_size(est['peak'])} per rank (+ CUDA context and allocator slack)")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> None:
+    """Plan a run before starting it: `python -m gtacore.memory --config CKPT/config.json --world 8 --shard fsdp`."""
+    import argparse
+
+    ap = argparse.ArgumentParser(description=main.__doc__)
+    ap.add_argument("--config", required=True, help="a checkpoint's config.json (no weights are read)")
+    ap.add_argument("--world", type=int, default=1, help="ranks (GPUs)")
+    ap.add_argument("--shard", choices=("ddp", "fsdp"), default="ddp")
+    ap.add_argument("--mode", choices=("gta", "grpo", "sft"), default="gta")
+    ap.add_argument("--batch-size", type=int, default=8, help="prompts per rank")
+    ap.add_argument("--group-size", type=int, default=16)
+    ap.add_argument("--prompt-tokens", type=int, default=400, help="the longest prompt")
+    ap.add_argument("--max-new-tokens", type=int, default=64)
+    ap.add_argument("--sft-tokens", type=int, default=8)
+    ap.add_argument("--beta", type=float, default=0.01)
+    ap.add_argument("--param-bytes", type=int, default=4, help="4: fp32 weights (bf16 compute), 2: bf16 weights")
+    args = ap.parse_args(argv)
+    mc = ModelConfig.from_file(args.config)
+    shape = StepShape(args.batch_size, args.group_size, args.prompt_tokens, args.max_new_tokens, args.sft_tokens,
+                      args.mode, args.beta > 0)
+    est = estimate_memory(mc, shape, world=args.world, sharded=args.shard == "fsdp", param_bytes=args.param_bytes,
+                          compute_bytes=2, autocast=True)
+    print(format_estimate(est, f"{args.config}: {parameter_count(mc)[0] / 1e9:.2f}B parameters, {args.shard} on {args.world} GPU(s)"))
+
+
+if __name__ == "__main__":
+    main()
