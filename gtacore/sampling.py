@@ -58,7 +58,10 @@ class BatchSampler:
                 "global_batch": self.global_batch}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
-        for key in ("n", "seed", "global_batch"):
+        if state["global_batch"] != self.global_batch:
+            raise DataError(f"the checkpoint was trained with a global batch of {state['global_batch']} (--batch-size x ranks); "
+                            f"this run has {self.global_batch}: resume with the same global batch so the data order continues")
+        for key in ("n", "seed"):
             if state[key] != getattr(self, key):
                 raise DataError(f"sampler state has {key}={state[key]} but this sampler has {getattr(self, key)}")
         if not (0 <= state["step"] < self.steps_per_epoch and state["epoch"] >= 0):
