@@ -33,7 +33,7 @@ from gtacore.distributed import (DistInfo, all_finite, all_reduce_grads_, all_re
 from gtacore.evaluate import evaluate
 from gtacore.fsdp import WholeModel, constrain_sharded_gradients, full_state_dict, local, reshard, shard_model
 from gtacore.loading import load_dataset_from_args
-from gtacore.memory import StepShape, estimate_memory, format_estimate
+from gtacore.memory import estimate_for_run, format_estimate
 from gtacore.metrics import format_table
 from gtacore.batch import RL_ROW, SFT_ROW, pack
 from gtacore.policy import packed_logprobs, plain_backward
@@ -82,7 +82,8 @@ def train_step(cfg: Config, step: int, policy, rollout_model, ref_model, tok, pr
     """
     L, R = cfg.loss, cfg.rollout
     sharded = cfg.run.shard == "fsdp"
-    params = [p for p in policy.parameters() if p.requires_grad]
+    # The optimizer's own tensors: under FSDP a module attribute may point at a gathered copy.
+    params = [p for group in optimizer.param_groups for p in group["params"]]
     for p in params:
         p.grad = None
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if info.device.type == "cuda" else nullcontext()
@@ -190,29 +191,19 @@ def train_step(cfg: Config, step: int, policy, rollout_model, ref_model, tok, pr
         )
         if L.mode == "gta":
             m["guess_accuracy"] = sum(p.guess == y for p, y in zip(ro.parsed, golds)) / len(golds)
-    # One host sync per step, at the logging point; then average over ranks.
+    # Metrics leave the device once per step, here (the other sync is the health check
+    # of each update); rank means of (sum, count) pairs give token averages over all ranks.
+    # Losses are rank means.
     names = sorted(m)
     pairs = [m[k] if isinstance(m[k], tuple) else (m[k], 1.0) for k in names]
-    values = all_reduce_mean(torch.tensor([float(x) for pair in pairs for x in pair], dtype=torch.float64), info)
+    flat = [torch.as_tensor(x, dtype=torch.float64, device=info.device).reshape(()) for pair in pairs for x in pair]
+    values = all_reduce_mean(torch.stack(flat), info)
     sums, counts = values.view(-1, 2).unbind(1)  # [len(names)] each
+    sums, counts = sums.tolist(), counts.tolist()
     out = {k: v / c if c > 0 and math.isfinite(v / c) else None  # JSON has no NaN
-           for k, v, c in zip(names, sums.tolist(), counts.tolist())}
+           for k, v, c in zip(names, sums, counts)}
     out.update({f"time_{k}": v for k, v in times.items()}, lr=lr_at(step, cfg), peak_memory_gb=peak_memory_gb(info.device))
     return out
-
-
-def memory_estimate(cfg: Config, model_config, tok, examples, labels, shots, info: DistInfo, truncate: bool) -> dict:
-    """The per-rank memory estimate (gtacore/memory.py) for this run's shapes; prompt and
-    target lengths are measured on the first examples."""
-    sample = make_prompts(tok, examples[:32], labels, cfg.loss.mode, shots, cfg.rollout.max_prompt_tokens, truncate)
-    targets, _ = sft_targets(tok, sample, "gta" if cfg.loss.mode == "grpo" else cfg.loss.mode)
-    shape = StepShape(batch=cfg.rollout.batch_size, group=cfg.rollout.group_size, prompt_tokens=max(len(p.ids) for p in sample),
-                      new_tokens=cfg.rollout.max_new_tokens, sft_tokens=max(len(t) for t in targets), mode=cfg.loss.mode,
-                      reference=cfg.loss.beta > 0)
-    param_bytes = models.parse_dtype(cfg.model.dtype).itemsize
-    gpu = info.device.type == "cuda"
-    return estimate_memory(model_config, shape, world=info.world_size, sharded=cfg.run.shard == "fsdp",
-                           param_bytes=param_bytes, compute_bytes=2 if gpu else param_bytes, autocast=gpu)
 
 
 BUNDLED_TRAIN = Path(__file__).resolve().parent / "data" / "emotion_train.jsonl"
@@ -241,18 +232,18 @@ def run(cfg: Config, info: DistInfo) -> None:
     resume_from = latest_checkpoint(out_dir) if cfg.run.resume else None
     if cfg.run.resume and resume_from is None:
         say(f"--resume: no complete checkpoint in {out_dir}; starting fresh")
+    sharded = cfg.run.shard == "fsdp"  # see gtacore/fsdp.py for what each stage does with the shards
+    gpu_bf16 = info.device.type == "cuda"
+    # Each model is read whole, then sharded before the next one is read.
     policy = models.load_pretrained(resume_from or model_path, dtype=dtype, device=info.device).train()
+    if sharded:
+        shard_model(policy, mixed_precision=gpu_bf16)
     ref_model = None
     if cfg.loss.beta > 0 and cfg.loss.mode != "sft":
         ref_model = models.load_pretrained(model_path, dtype=dtype, device=info.device).eval().requires_grad_(False)
-    sharded = cfg.run.shard == "fsdp"
-    rollout_copy = None
-    if sharded:  # see gtacore/fsdp.py for what each stage does with the shards
-        gpu_bf16 = info.device.type == "cuda"
-        shard_model(policy, mixed_precision=gpu_bf16)
-        if ref_model is not None:
+        if sharded:
             shard_model(ref_model, mixed_precision=gpu_bf16)
-        rollout_copy = WholeModel(policy, torch.bfloat16 if gpu_bf16 else dtype, info.device)
+    rollout_copy = WholeModel(policy, torch.bfloat16 if gpu_bf16 else dtype, info.device) if sharded else None
     tok = Tokenizer(model_path)
 
     # --- data ---
@@ -313,7 +304,8 @@ def run(cfg: Config, info: DistInfo) -> None:
         if info.is_main:
             save_checkpoint(path, policy, model_path, optimizer, state, info)
 
-    estimate = memory_estimate(cfg, policy.config, tok, train_data.examples, labels, shots, info, truncate)
+    estimate = estimate_for_run(cfg, policy.config, tok, train_data.examples, labels, shots, info.world_size,
+                                info.device.type, truncate)
     if info.is_main:
         say(format_estimate(estimate, f"memory estimate per rank ({cfg.run.shard}, {info.world_size} rank(s)):"))
         out_dir.mkdir(parents=True, exist_ok=True)

@@ -63,10 +63,6 @@ def parse_args():
     ap.add_argument("--sft-tokens", type=int, default=8 if cuda else 4)
     ap.add_argument("--beta", type=float, default=0.01)
     ap.add_argument("--csv", type=Path, default=REPO / "runs" / "bench" / "bench_memory.csv")
-    # accepted for a uniform command line across bench scripts (tests/test_bench.py)
-    ap.add_argument("--warmup", type=int, default=0, help=argparse.SUPPRESS)
-    ap.add_argument("--reps", type=int, default=1, help=argparse.SUPPRESS)
-    ap.add_argument("--no-compile", action="store_true", help=argparse.SUPPRESS)
     return ap.parse_args()
 
 
@@ -156,10 +152,7 @@ def run_shape(name: str, args, info: DistInfo) -> list[dict]:
                      "phase": phase, "estimate_GB": f"{predicted / GB:.3g}",
                      "measured_GB": f"{measured / GB:.3g}" if measured == measured else "n/a",
                      "measured/estimate": f"{measured / predicted:.3f}" if measured == measured else "n/a"})
-    del policy, ref, copy, optimizer, params
-    if cuda:
-        torch.cuda.empty_cache()
-    return rows
+    return rows  # the models go with this frame; main() empties the CUDA cache before the next shape
 
 
 def main():
@@ -169,6 +162,8 @@ def main():
     for name in args.shape:
         t0 = time.perf_counter()
         rows += run_shape(name, args, info)
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
         print(f"{name}: {time.perf_counter() - t0:.1f} s", file=sys.stderr)
     env = environment()
     print(" | ".join(f"{k}={v}" for k, v in env.items()))

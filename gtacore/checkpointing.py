@@ -26,6 +26,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+from contextlib import ExitStack
 from pathlib import Path
 
 import torch
@@ -68,7 +69,8 @@ def save_checkpoint(path: Path, model, tokenizer_dir, optimizer: torch.optim.Opt
     rank; weights are gathered to rank 0, each rank writes its optimizer shard.
     """
     sharded = is_sharded(model)
-    info = info or DistInfo()
+    if info is None:  # a sharded model lives in a process group: every rank's part is needed
+        info = DistInfo(dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else DistInfo()
     weights = full_state_dict(model, info.is_main) if sharded else None
     tensors, rows, groups = _optimizer_tensors(optimizer) if optimizer is not None else ({}, {}, [])
     staging = path.parent / f".{path.name}.state-shards"
@@ -111,11 +113,25 @@ def latest_checkpoint(output_dir: str | Path) -> Path | None:
 
 
 def remove_partial_checkpoints(output_dir: str | Path) -> list[Path]:
-    """Delete the temporary folders of checkpoint writes that never finished (a killed run); return them."""
-    partial = [p for p in Path(output_dir).glob(".checkpoint-*") if p.is_dir()]
-    for p in partial:
+    """Clean up after checkpoint writes that never finished (a killed run); return what was removed.
+
+    `.NAME.tmp-*` folders are unfinished writes and `.NAME.state-shards` the staging
+    of a sharded save: deleted. `.NAME.old-*` is the
+    previous NAME, moved aside just before its replacement was moved in: if the
+    kill came between the two moves, NAME is missing and the old folder goes back.
+    """
+    out = Path(output_dir)
+    removed = []
+    for p in sorted(out.glob(".*.old-*")) + sorted(out.glob(".*.tmp-*")) + sorted(out.glob(".*.state-shards")):
+        name = p.name[1:].rsplit(".", 1)[0]  # ".checkpoint-4.old-123" -> "checkpoint-4"
+        if not p.is_dir() or not (name.startswith("checkpoint-") or name == "final"):
+            continue
+        if ".old-" in p.name and not (out / name).exists():
+            p.rename(out / name)
+            continue
         shutil.rmtree(p, ignore_errors=True)
-    return partial
+        removed.append(p)
+    return removed
 
 
 def load_trainer_state(path: Path, optimizer: torch.optim.Optimizer | None) -> dict:
@@ -130,21 +146,29 @@ def load_trainer_state(path: Path, optimizer: torch.optim.Optimizer | None) -> d
     for name in files:
         if not (path / name).is_file():
             raise CheckpointError(f"{path}: trainer state file {name} is missing")
-    readers = [safe_open(str(path / name), framework="pt", device="cpu") for name in files]
-    covers = [json.loads((r.metadata() or {}).get("rows", "{}")) for r in readers]
-    per_param: dict[int, dict] = {}
-    for idx, p in enumerate(params):
-        prefix = f"optimizer.{idx}."
-        keys = sorted({k.removeprefix(prefix) for r in readers for k in r.keys() if k.startswith(prefix)})
-        for key in keys:
-            per_param.setdefault(idx, {})[key] = _read_rows(readers, covers, idx, prefix + key, p, path)
+    # How AdamW runs (fused, foreach, ...) belongs to this machine, not to the one that saved.
+    live = [{k: g[k] for k in ("fused", "foreach", "capturable", "differentiable") if k in g} for g in optimizer.param_groups]
+    with ExitStack() as stack:
+        readers = [stack.enter_context(safe_open(str(path / name), framework="pt", device="cpu")) for name in files]
+        covers = [json.loads((r.metadata() or {}).get("rows", "{}")) for r in readers]
+        holders: dict[str, list[int]] = {}  # tensor name -> the files holding it
+        for i, r in enumerate(readers):
+            for key in r.keys():
+                holders.setdefault(key, []).append(i)
+        per_param: dict[int, dict] = {}
+        for name, files_with in holders.items():
+            _, idx, key = name.split(".", 2)
+            param = params[int(idx)]
+            chosen = [(readers[i], covers[i]) for i in files_with]
+            per_param.setdefault(int(idx), {})[key] = _read_rows(chosen, int(idx), name, param, path)
     optimizer.load_state_dict({"state": per_param, "param_groups": groups})
+    for group, settings in zip(optimizer.param_groups, live):
+        group.update(settings)
     return state
 
 
-def _read_rows(readers, covers, idx: int, name: str, param: torch.Tensor, path: Path) -> torch.Tensor:
-    """The rows of tensor `name` that this rank's shard of `param` covers, gathered from the files."""
-    holders = [(r, c) for r, c in zip(readers, covers) if name in r.keys()]
+def _read_rows(holders, idx: int, name: str, param: torch.Tensor, path: Path) -> torch.Tensor:
+    """The rows of tensor `name` that this rank's shard of `param` covers, from the (reader, cover) pairs holding it."""
     first = holders[0][0].get_slice(name)
     if len(first.get_shape()) == 0:  # a scalar (AdamW's step count): the same in every file
         return holders[0][0].get_tensor(name).to(param.device)
@@ -159,7 +183,7 @@ def _read_rows(readers, covers, idx: int, name: str, param: torch.Tensor, path: 
             got += b - a
     if got != want_hi - want_lo:
         raise CheckpointError(f"{path}: the optimizer state {name} covers {got} of the rows {want_lo}:{want_hi} this rank needs")
-    rows = torch.cat(pieces) if pieces else holders[0][0].get_slice(name)[0:0]
+    rows = torch.cat(pieces) if pieces else first[0:0]
     if tuple(rows.shape[1:]) != tuple(param.shape[1:]):
         raise CheckpointError(f"{path}: the optimizer state {name} has rows of shape {tuple(rows.shape[1:])}, "
                               f"the parameter {tuple(param.shape[1:])}")

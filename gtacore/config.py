@@ -87,7 +87,7 @@ class RunArgs:
     seed: int = opt(0, "seed for data order, sampling and initialisation")
     device: str | None = opt(None, "cpu or cuda; default: cuda when available")
     shard: str = opt("ddp", "ddp: every rank holds the whole model and optimizer; fsdp: FSDP2 shards them per block", ("ddp", "fsdp"))
-    dist_timeout: float = opt(600.0, "seconds a collective may wait for the other ranks before the run fails")
+    dist_timeout: float = opt(1800.0, "seconds a collective may wait for the other ranks before the run fails; keep it above a checkpoint write, which the other ranks wait for")
     progress: bool = opt(True, "show a progress bar on rank 0")
 
 

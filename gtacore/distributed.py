@@ -94,7 +94,8 @@ def assert_replicas_identical(params: list[torch.Tensor], info: DistInfo) -> Non
         raise RuntimeError("data-parallel ranks hold different parameters")
 
 
-def grad_norm_and_health(grads: list[torch.Tensor], losses: list[torch.Tensor], info: DistInfo, sharded: bool):
+def grad_norm_and_health(grads: list[torch.Tensor], losses: list[torch.Tensor], info: DistInfo,
+                         sharded: bool) -> tuple[torch.Tensor, bool]:
     """(global L2 norm of the gradients, True if it and every rank's losses are finite).
 
     `grads` are this rank's tensors: whole synchronized gradients (DDP) or shards

@@ -15,7 +15,8 @@ What each stage does with the shards:
   forward (gtacore/policy.py `head_weight`). Gradients arrive reduce-scattered
   (averaged over ranks) in each parameter's `.grad` as a sharded DTensor: no
   separate all-reduce. On GPU, weights are gathered in bf16 and gradients reduced
-  in fp32 (`MixedPrecisionPolicy`); AdamW keeps fp32 master weights.
+  in fp32 (`MixedPrecisionPolicy`); AdamW's master weights and moments are in the
+  parameters' dtype (fp32 unless --dtype says otherwise).
 - Gradient constraint: on the local shards, with one all-reduce of the per-tensor
   dots and norms for all parameters (gtacore/projection.py, `shard_reduce`), so
   every rank takes the same decision.
@@ -23,8 +24,9 @@ What each stage does with the shards:
   blocks for each would cost hundreds of all-gathers per step. Instead the policy's
   weights are gathered once per step into a plain, unsharded `Decoder`
   (`WholeModel`, in bf16 on GPU), which generates with the KV cache like the DDP
-  path. Cost: one all-gather of the weights per step (the traffic of one forward)
-  and one whole copy of the weights in the rollout dtype per GPU, held for the run:
+  path. Cost: one gather per parameter tensor per step, of shards cast to bf16
+  first (the bytes of one forward's gathers, in more, smaller collectives), and
+  one whole copy of the weights in the rollout dtype per GPU, held for the run:
   for an 8B model in bf16, 16 GB. The sharded state keeps the rest small.
 - Reference model: sharded the same way, frozen and in eval mode; its root unit is
   resharded after each use (no backward would free it).
@@ -131,10 +133,14 @@ class WholeModel:
 
     @torch.no_grad()
     def refresh(self, sharded: Decoder) -> Decoder:
-        """Gather the sharded weights into the copy (a collective); returns the copy."""
+        """Gather the sharded weights into the copy (a collective); returns the copy.
+
+        Each shard is cast to the copy's dtype before the gather (bf16 on GPU: half
+        the bytes of gathering the fp32 master shards)."""
         mine = dict(self.model.named_parameters())
         for name, p in sharded.named_parameters():
-            mine[name].copy_(whole(p.detach()))
+            target = mine[name]
+            target.copy_(whole(p.detach().to(target.dtype)))
         return self.model
 
 

@@ -1,9 +1,12 @@
 """Per-rank device memory of a training step, estimated from the shapes; printed at start.
 
-A step has two phases, and the peak is the larger:
+A step has two phases, the start has one more, and the peak is the largest:
 
+    load:     a whole model as it is read, before FSDP shards it (plus the policy's
+              shards while the reference loads)
     rollout:  weights, optimizer state, reference model, (FSDP) the whole copy that
-              generates, the KV cache [L, 2, B*G, P+T, Hkv, Dh], the sampling logits
+              generates, the KV cache (B rows for the prefill, then B*G rows, of
+              [L, 2, Hkv, P+T, Dh]), the sampling logits
     training: weights, optimizer state, reference model, (FSDP) the whole copy,
               the gradients (gta holds two: SFT and RL stay apart until the
               constraint), saved activations of the prompt pass and one branch,
@@ -76,8 +79,7 @@ def estimate_memory(mc: ModelConfig, shape: StepShape, *, world: int, sharded: b
     """Bytes per rank of each part, the two phases and the peak (see the module docstring)."""
     P, block, root = parameter_count(mc)
     s = world if sharded else 1
-    D, F, H, Hkv, Dh, L, V = (mc.hidden_size, mc.intermediate_size, mc.num_attention_heads, mc.num_key_value_heads,
-                              mc.head_dim, mc.num_hidden_layers, mc.vocab_size)
+    D, Hkv, Dh, L, V = mc.hidden_size, mc.num_key_value_heads, mc.head_dim, mc.num_hidden_layers, mc.vocab_size
     B, G, T, Pt = shape.batch, shape.group, shape.new_tokens, shape.prompt_tokens
     rl = shape.mode != "sft"
     n_grads = 2 if shape.mode == "gta" else 1
@@ -89,7 +91,9 @@ def estimate_memory(mc: ModelConfig, shape: StepShape, *, world: int, sharded: b
         "autocast_copies": P * compute_bytes if autocast and not sharded and compute_bytes != param_bytes else 0.0,
     }
     rows = B * G if rl else 0
-    parts["kv_cache"] = 2 * L * (rows + B) * (Pt + T) * Hkv * Dh * compute_bytes if rl else 0.0
+    # generate() keeps the cache in the generating model's dtype: the policy's (DDP) or the copy's (FSDP).
+    kv_bytes = compute_bytes if sharded else param_bytes
+    parts["kv_cache"] = 2 * L * (rows + B) * (Pt + T) * Hkv * Dh * kv_bytes if rl else 0.0
     parts["sampling_logits"] = 3 * rows * V * 4
     parts["gradients"] = n_grads * P * param_bytes / s
     parts["allreduce_buffer"] = P * param_bytes if not sharded and world > 1 else 0.0
@@ -105,7 +109,29 @@ def estimate_memory(mc: ModelConfig, shape: StepShape, *, world: int, sharded: b
     rollout = sum(parts[k] for k in shared) + parts["kv_cache"] + parts["sampling_logits"]
     training = sum(parts[k] for k in shared) + sum(parts[k] for k in ("gradients", "allreduce_buffer", "activations",
                                                                         "loss_logits", "gathered_units"))
-    return {**parts, "phase_rollout": rollout, "phase_training": training, "peak": max(rollout, training)}
+    # Start-up: each model is loaded whole onto the device, then sharded (FSDP) before the next.
+    load = P * param_bytes + (parts["weights"] if parts["reference"] else 0.0)
+    return {**parts, "phase_load": load, "phase_rollout": rollout, "phase_training": training,
+            "peak": max(load, rollout, training)}
+
+
+def estimate_for_run(cfg, model_config: ModelConfig, tok, examples, labels, shots, world: int, device_type: str,
+                     truncate: bool) -> dict[str, float]:
+    """The estimate for train.py's configuration; prompt and target lengths are measured
+    on the first examples (their prompts are rendered, nothing runs)."""
+    from models import parse_dtype
+
+    from .rollout import make_prompts, sft_targets
+
+    mode = cfg.loss.mode
+    sample = make_prompts(tok, examples[:32], labels, mode, shots, cfg.rollout.max_prompt_tokens, truncate)
+    sft_tokens = 0 if mode == "grpo" else max(len(t) for t in sft_targets(tok, sample, mode)[0])
+    shape = StepShape(batch=cfg.rollout.batch_size, group=cfg.rollout.group_size, prompt_tokens=max(len(p.ids) for p in sample),
+                      new_tokens=cfg.rollout.max_new_tokens, sft_tokens=sft_tokens, mode=mode, reference=cfg.loss.beta > 0)
+    param_bytes = parse_dtype(cfg.model.dtype).itemsize
+    gpu = device_type == "cuda"  # bf16 autocast (DDP) or bf16 gathers (FSDP)
+    return estimate_memory(model_config, shape, world=world, sharded=cfg.run.shard == "fsdp", param_bytes=param_bytes,
+                           compute_bytes=2 if gpu else param_bytes, autocast=gpu)
 
 
 def _size(n: float) -> str:
@@ -117,6 +143,7 @@ def format_estimate(est: dict[str, float], header: str) -> str:
     for k, v in est.items():
         if not (k.startswith("phase_") or k == "peak" or v == 0):
             lines.append(f"  {k:<18}{_size(v)}")
+    lines.append(f"  {'load phase':<18}{_size(est['phase_load'])}")
     lines.append(f"  {'rollout phase':<18}{_size(est['phase_rollout'])}")
     lines.append(f"  {'training phase':<18}{_size(est['phase_training'])}")
     lines.append(f"  {'predicted peak':<18}{_size(est['peak'])} per rank (+ CUDA context and allocator slack)")

@@ -62,9 +62,14 @@ def test_kv_cache_and_sharding_arithmetic():
     assert ddp1["gradients"] == 8 * P  # gta holds the SFT and RL gradients at once
     assert ddp1["allreduce_buffer"] == 0 and ddp4["allreduce_buffer"] == 4 * P and fsdp4["allreduce_buffer"] == 0
     assert fsdp4["rollout_copy"] == 4 * P and ddp4["rollout_copy"] == 0
+    assert fsdp4["phase_load"] == 4 * P + P and ddp4["phase_load"] == 8 * P  # whole model + the other's shards
     # The cache generate() allocates: B rows for the prefill, then B*G rows.
     caches = [KVCache(mc, rows, 30, torch.float32, "meta") for rows in (3, 12)]
     assert ddp1["kv_cache"] == sum(c.k.numel() * 4 + c.v.numel() * 4 for c in caches)
+    # The fp32 policy generates under autocast with an fp32 cache; FSDP's bf16 copy with a bf16 one.
+    mixed = dict(param_bytes=4, compute_bytes=2, autocast=True)
+    assert estimate_memory(mc, shape, world=1, sharded=False, **mixed)["kv_cache"] == ddp1["kv_cache"]
+    assert estimate_memory(mc, shape, world=1, sharded=True, **mixed)["kv_cache"] == ddp1["kv_cache"] / 2
     grpo = estimate_memory(mc, StepShape(3, 4, 20, 10, 5, "grpo", True), world=1, sharded=False, param_bytes=4,
                            compute_bytes=4, autocast=False)
     assert grpo["gradients"] == ddp1["gradients"] / 2
@@ -72,5 +77,5 @@ def test_kv_cache_and_sharding_arithmetic():
                           compute_bytes=4, autocast=False)
     assert sft["kv_cache"] == sft["reference"] == 0
     for est in (ddp1, fsdp4, grpo, sft):
-        assert est["peak"] == max(est["phase_rollout"], est["phase_training"])
+        assert est["peak"] == max(est["phase_load"], est["phase_rollout"], est["phase_training"])
     assert "predicted peak" in format_estimate(ddp1, "x")

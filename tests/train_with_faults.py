@@ -4,6 +4,8 @@
 
 FAULT:
     raise-on-rank-1      rank 1 raises in its second step (rank 0 is then waiting in a collective)
+    nan-on-rank-1        rank 1's RL gradient gets a NaN in the first update of step 2 (before
+                         DDP's all-reduce; after FSDP's reduce-scatter, in rank 1's shard only)
     stall-in-save:MARKER the second checkpoint write stops after its weights file: it
                          touches MARKER and sleeps, so the test can SIGKILL it mid-write
 """
@@ -30,6 +32,22 @@ def raise_on_rank_1() -> None:
     train.train_step = step
 
 
+def nan_on_rank_1() -> None:
+    from gtacore.fsdp import local
+
+    real, calls = train.prefix_backward, {"n": 0}
+
+    def backward(*args, **kwargs):
+        results = real(*args, **kwargs)
+        if int(os.environ.get("RANK", 0)) == 1 and calls["n"] == 2:  # mu = 2: call 2 is step 2's first update
+            shard = next(local(g) for g in results[-1][0] if g is not None and local(g).numel() > 0)
+            shard.view(-1)[0] = float("nan")
+        calls["n"] += 1
+        return results
+
+    train.prefix_backward = backward
+
+
 def stall_in_save(marker: str) -> None:
     real = models.checkpoint.save_file
     calls = {"weights": 0}
@@ -49,6 +67,8 @@ if __name__ == "__main__":
     fault, argv = sys.argv[1], sys.argv[2:]
     if fault == "raise-on-rank-1":
         raise_on_rank_1()
+    elif fault == "nan-on-rank-1":
+        nan_on_rank_1()
     elif fault.startswith("stall-in-save:"):
         stall_in_save(fault.split(":", 1)[1])
     else:
