@@ -36,7 +36,7 @@ from gtacore.loading import load_dataset_from_args
 from gtacore.memory import estimate_for_run, format_estimate
 from gtacore.metrics import format_table
 from gtacore.batch import RL_ROW, SFT_ROW, pack
-from gtacore.policy import packed_logprobs, plain_backward
+from gtacore.policy import checkpoint_blocks, packed_logprobs, plain_backward
 from gtacore.prefix import pack_branches, pack_prompts, prefix_backward, prefix_logprobs
 from gtacore.progress import Progress
 from gtacore.projection import apply_gradient_constraint
@@ -236,6 +236,8 @@ def run(cfg: Config, info: DistInfo) -> None:
     gpu_bf16 = info.device.type == "cuda"
     # Each model is read whole, then sharded before the next one is read.
     policy = models.load_pretrained(resume_from or model_path, dtype=dtype, device=info.device).train()
+    if cfg.run.activation_checkpointing:
+        checkpoint_blocks(policy)
     if sharded:
         shard_model(policy, mixed_precision=gpu_bf16)
     ref_model = None

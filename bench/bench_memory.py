@@ -11,6 +11,9 @@ log-probs, the gradient constraint and an AdamW step. Each phase's peak
 runs as one rank (a one-process group): the sharded code path, the whole rollout
 copy and the gathered units, without the division by world size.
 
+Sizes: the 3B shape with the reference model needs about 84 GB (an H200); on an
+80 GB GPU pass --beta 0 (`python -m gtacore.memory` shows the parts).
+
 On CPU there is no allocator to ask, so the script runs a tiny shape and reports
 the estimate only (it keeps the script from rotting; tests/test_bench.py runs it).
 """
@@ -32,6 +35,7 @@ from gtacore.config import LossArgs  # noqa: E402
 from gtacore.distributed import DistInfo, init_distributed  # noqa: E402
 from gtacore.fsdp import WholeModel, constrain_sharded_gradients, reshard, shard_model  # noqa: E402
 from gtacore.memory import GB, StepShape, estimate_memory  # noqa: E402
+from gtacore.policy import checkpoint_blocks  # noqa: E402
 from gtacore.prefix import pack_branches, pack_prompts, prefix_backward, prefix_logprobs  # noqa: E402
 from gtacore.projection import apply_gradient_constraint  # noqa: E402
 from models.config import ModelConfig  # noqa: E402
@@ -62,6 +66,7 @@ def parse_args():
     ap.add_argument("--max-new-tokens", type=int, default=64 if cuda else 6)
     ap.add_argument("--sft-tokens", type=int, default=8 if cuda else 4)
     ap.add_argument("--beta", type=float, default=0.01)
+    ap.add_argument("--activation-checkpointing", action=argparse.BooleanOptionalAction, default=True)
     ap.add_argument("--csv", type=Path, default=REPO / "runs" / "bench" / "bench_memory.csv")
     return ap.parse_args()
 
@@ -96,6 +101,8 @@ def run_shape(name: str, args, info: DistInfo) -> list[dict]:
     device, cuda = info.device, info.device.type == "cuda"
     sharded = args.shard == "fsdp"
     policy = random_model(mc, device, torch.float32).train()
+    if args.activation_checkpointing:
+        checkpoint_blocks(policy)
     ref = random_model(mc, device, torch.float32).eval().requires_grad_(False) if args.beta > 0 else None
     copy = None
     if sharded:
@@ -145,10 +152,12 @@ def run_shape(name: str, args, info: DistInfo) -> list[dict]:
 
         _, training_peak = phase_peak(training)
     shape = StepShape(B, G, Pt, T, args.sft_tokens, args.mode, args.beta > 0)
-    est = estimate_memory(mc, shape, world=1, sharded=sharded, param_bytes=4, compute_bytes=2 if cuda else 4, autocast=cuda)
+    est = estimate_memory(mc, shape, world=1, sharded=sharded, param_bytes=4, compute_bytes=2 if cuda else 4, autocast=cuda,
+                          checkpointed=args.activation_checkpointing)
     for phase, measured in (("rollout", rollout_peak), ("training", training_peak)):
         predicted = est[f"phase_{phase}"]
-        rows.append({"shape": name, "shard": args.shard, "mode": args.mode, "B": B, "G": G, "prompt": Pt, "new": T,
+        rows.append({"shape": name, "shard": args.shard, "mode": args.mode, "ac": args.activation_checkpointing, "B": B,
+                     "G": G, "prompt": Pt, "new": T,
                      "phase": phase, "estimate_GB": f"{predicted / GB:.3g}",
                      "measured_GB": f"{measured / GB:.3g}" if measured == measured else "n/a",
                      "measured/estimate": f"{measured / predicted:.3f}" if measured == measured else "n/a"})

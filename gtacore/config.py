@@ -86,6 +86,7 @@ class RunArgs:
     eval_batch_size: int = opt(16, "prompts per greedy evaluation batch")
     seed: int = opt(0, "seed for data order, sampling and initialisation")
     device: str | None = opt(None, "cpu or cuda; default: cuda when available")
+    activation_checkpointing: bool = opt(False, "recompute each block's activations in the backward: saved activations fall to one hidden state per token and layer, for about one more forward")
     shard: str = opt("ddp", "ddp: every rank holds the whole model and optimizer; fsdp: FSDP2 shards them per block", ("ddp", "fsdp"))
     dist_timeout: float = opt(1800.0, "seconds a collective may wait for the other ranks before the run fails; keep it above a checkpoint write, which the other ranks wait for")
     progress: bool = opt(True, "show a progress bar on rank 0")

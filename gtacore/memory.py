@@ -23,6 +23,9 @@ layer are the tensors a Llama/Qwen block keeps for its backward:
     gate, silu(gate), up, and down_proj's input           4 F   (F: intermediate size)
     (Qwen3) q and k around their RMSNorm                  2 (H + Hkv) Dh
 
+With activation checkpointing a block keeps only its input (D per token and
+layer), plus one block's full set while that block is recomputed.
+
 Not counted: the CUDA context and allocator slack (typically 0.5-2 GB), the
 attention scores of the explicit-mask SDPA fallback (quadratic in a group's
 length; zero with flash attention), and Python-side buffers. So the estimate
@@ -75,7 +78,7 @@ class StepShape:
 
 
 def estimate_memory(mc: ModelConfig, shape: StepShape, *, world: int, sharded: bool, param_bytes: int,
-                    compute_bytes: int, autocast: bool) -> dict[str, float]:
+                    compute_bytes: int, autocast: bool, checkpointed: bool = False) -> dict[str, float]:
     """Bytes per rank of each part, the two phases and the peak (see the module docstring)."""
     P, block, root = parameter_count(mc)
     s = world if sharded else 1
@@ -99,7 +102,11 @@ def estimate_memory(mc: ModelConfig, shape: StepShape, *, world: int, sharded: b
     parts["allreduce_buffer"] = P * param_bytes if not sharded and world > 1 else 0.0
     tokens = B * Pt + max(rows * T, B * shape.sft_tokens)  # the prompt pass and the larger branch
     per_token_layer = activation_bytes_per_token_layer(mc, compute_bytes)
-    parts["activations"] = tokens * (L * per_token_layer + 2 * D * compute_bytes)  # + the final norm's input and output
+    if checkpointed:  # every block's input, and one block's activations while it is recomputed
+        per_token = L * D * compute_bytes + per_token_layer
+    else:
+        per_token = L * per_token_layer
+    parts["activations"] = tokens * (per_token + 2 * D * compute_bytes)  # + the final norm's input and output
     loss_rows = max(rows * T, B * shape.sft_tokens, 1)
     chunk = min(max(loss_rows * D // V, 256), loss_rows)
     parts["loss_logits"] = 2 * chunk * V * 4 + V * D * 4 + loss_rows * D * 4  # logits + grad, fp32 head grad, grad_hidden
@@ -131,7 +138,8 @@ def estimate_for_run(cfg, model_config: ModelConfig, tok, examples, labels, shot
     param_bytes = parse_dtype(cfg.model.dtype).itemsize
     gpu = device_type == "cuda"  # bf16 autocast (DDP) or bf16 gathers (FSDP)
     return estimate_memory(model_config, shape, world=world, sharded=cfg.run.shard == "fsdp", param_bytes=param_bytes,
-                           compute_bytes=2 if gpu else param_bytes, autocast=gpu)
+                           compute_bytes=2 if gpu else param_bytes, autocast=gpu,
+                           checkpointed=cfg.run.activation_checkpointing)
 
 
 def _size(n: float) -> str:
@@ -166,12 +174,13 @@ def main(argv=None) -> None:
     ap.add_argument("--sft-tokens", type=int, default=8)
     ap.add_argument("--beta", type=float, default=0.01)
     ap.add_argument("--param-bytes", type=int, default=4, help="4: fp32 weights (bf16 compute), 2: bf16 weights")
+    ap.add_argument("--activation-checkpointing", action="store_true")
     args = ap.parse_args(argv)
     mc = ModelConfig.from_file(args.config)
     shape = StepShape(args.batch_size, args.group_size, args.prompt_tokens, args.max_new_tokens, args.sft_tokens,
                       args.mode, args.beta > 0)
     est = estimate_memory(mc, shape, world=args.world, sharded=args.shard == "fsdp", param_bytes=args.param_bytes,
-                          compute_bytes=2, autocast=True)
+                          compute_bytes=2, autocast=True, checkpointed=args.activation_checkpointing)
     print(format_estimate(est, f"{args.config}: {parameter_count(mc)[0] / 1e9:.2f}B parameters, {args.shard} on {args.world} GPU(s)"))
 
 

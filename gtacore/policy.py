@@ -7,12 +7,27 @@ never materialised on the fast path.
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
+from torch.utils.checkpoint import checkpoint
 
 from kernels import FusedGTALoss, fused_linear_gta_loss, fused_linear_logprobs
 
 from .batch import PackedBatch
 from .config import LossArgs
+
+
+def checkpoint_blocks(model: torch.nn.Module) -> None:
+    """Activation checkpointing: each decoder block keeps only its input for the
+    backward and recomputes the rest there (about one more forward of compute).
+
+    The blocks' `forward` is replaced on the instances, so parameter names, and with
+    them the checkpoints, stay as they are. Apply before FSDP sharding: FSDP then
+    gathers a block's weights for the recomputation as for its backward.
+    """
+    for block in model.model.layers:
+        block.forward = partial(checkpoint, type(block).forward, block, use_reentrant=False)
 
 
 def head_weight(model: torch.nn.Module) -> torch.Tensor:

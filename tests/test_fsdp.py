@@ -49,14 +49,18 @@ def test_sharded_gradients_constraint_and_checkpoints(setup, tmp_path):
 def test_fsdp_and_ddp_train_the_same(setup, tmp_path):
     ddp = _train(setup, tmp_path / "ddp", 3, "--shard", "ddp")
     fsdp = _train(setup, tmp_path / "fsdp", 3, "--shard", "fsdp")
-    fsdp_plain = _train(setup, tmp_path / "fsdp-plain", 3, "--shard", "fsdp", "--no-shared-prefix")
+    others = {  # the same training through other paths
+        "fsdp-plain": _train(setup, tmp_path / "fsdp-plain", 3, "--shard", "fsdp", "--no-shared-prefix"),
+        "fsdp-ac": _train(setup, tmp_path / "fsdp-ac", 3, "--shard", "fsdp", "--activation-checkpointing"),
+    }
     start = load_file(setup[0] / "model.safetensors")
     assert ddp.keys() == fsdp.keys() == start.keys()  # the same HF layout (tied head stored once)
     for k in ddp:
         moved = float((ddp[k] - start[k]).abs().max())
         assert moved > 0, k
         assert float((ddp[k] - fsdp[k]).abs().max()) <= 1e-3 * moved, k
-        assert float((ddp[k] - fsdp_plain[k]).abs().max()) <= 1e-3 * moved, k
+        for name, weights in others.items():
+            assert float((ddp[k] - weights[k]).abs().max()) <= 1e-3 * moved, (name, k)
     rows = [[json.loads(line) for line in (tmp_path / m / "metrics.jsonl").read_text().splitlines()] for m in ("ddp", "fsdp")]
     for a, b in zip(*rows):
         for key in ("reward_mean", "sft_loss", "rl_loss", "kl", "train_accuracy"):

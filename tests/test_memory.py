@@ -79,3 +79,16 @@ def test_kv_cache_and_sharding_arithmetic():
     for est in (ddp1, fsdp4, grpo, sft):
         assert est["peak"] == max(est["phase_load"], est["phase_rollout"], est["phase_training"])
     assert "predicted peak" in format_estimate(ddp1, "x")
+
+
+def test_activation_checkpointing_keeps_one_hidden_state_per_token_and_layer():
+    mc = _config("llama3-untied")
+    shape = StepShape(batch=4, group=8, prompt_tokens=100, new_tokens=50, sft_tokens=5, mode="gta", reference=False)
+    kw = dict(world=1, sharded=False, param_bytes=4, compute_bytes=2, autocast=True)
+    full = estimate_memory(mc, shape, **kw)["activations"]
+    ckpt = estimate_memory(mc, shape, checkpointed=True, **kw)["activations"]
+    tokens = 4 * 100 + 4 * 8 * 50
+    per_layer = activation_bytes_per_token_layer(mc, 2)
+    L, D = mc.num_hidden_layers, mc.hidden_size
+    assert full == tokens * (L * per_layer + 2 * D * 2)
+    assert ckpt == tokens * (L * D * 2 + per_layer + 2 * D * 2)
