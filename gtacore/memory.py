@@ -35,9 +35,13 @@ nvidia-smi.
 
 from __future__ import annotations
 
+import argparse
 from dataclasses import dataclass
 
+from models import parse_dtype
 from models.config import ModelConfig
+
+from .rollout import make_prompts, sft_targets
 
 GB = 1e9
 
@@ -126,10 +130,6 @@ def estimate_for_run(cfg, model_config: ModelConfig, tok, examples, labels, shot
                      truncate: bool) -> dict[str, float]:
     """The estimate for train.py's configuration; prompt and target lengths are measured
     on the first examples (their prompts are rendered, nothing runs)."""
-    from models import parse_dtype
-
-    from .rollout import make_prompts, sft_targets
-
     mode = cfg.loss.mode
     sample = make_prompts(tok, examples[:32], labels, mode, shots, cfg.rollout.max_prompt_tokens, truncate)
     sft_tokens = 0 if mode == "grpo" else max(len(t) for t in sft_targets(tok, sample, mode)[0])
@@ -160,8 +160,6 @@ def format_estimate(est: dict[str, float], header: str) -> str:
 
 def main(argv=None) -> None:
     """Plan a run before starting it: `python -m gtacore.memory --config CKPT/config.json --world 8 --shard fsdp`."""
-    import argparse
-
     ap = argparse.ArgumentParser(description=main.__doc__)
     ap.add_argument("--config", required=True, help="a checkpoint's config.json (no weights are read)")
     ap.add_argument("--world", type=int, default=1, help="ranks (GPUs)")
