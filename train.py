@@ -29,7 +29,7 @@ from gtacore.checkpointing import (checkpoint_dir, latest_checkpoint, load_train
 from gtacore.config import Config, parse_config
 from gtacore.sampling import BatchSampler
 from gtacore.distributed import (DistInfo, all_finite, all_reduce_grads_, all_reduce_mean, assert_replicas_identical,
-                                 grad_norm_and_health, init_distributed, shutdown)
+                                 global_row_counts_, grad_norm_and_health, init_distributed, shutdown)
 from gtacore.evaluate import evaluate
 from gtacore.fsdp import WholeModel, constrain_sharded_gradients, full_state_dict, local, reshard, shard_model
 from gtacore.loading import load_dataset_from_args
@@ -84,8 +84,6 @@ def train_step(cfg: Config, step: int, policy, rollout_model, ref_model, tok, pr
     sharded = cfg.run.shard == "fsdp"
     # The optimizer's own tensors: under FSDP a module attribute may point at a gathered copy.
     params = [p for group in optimizer.param_groups for p in group["params"]]
-    for p in params:
-        p.grad = None
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if info.device.type == "cuda" else nullcontext()
     times, m = {}, {}
 
@@ -116,6 +114,7 @@ def train_step(cfg: Config, step: int, policy, rollout_model, ref_model, tok, pr
         rl = make([r // G for r in range(len(ro.completions))], ro.completions, ro.rl_masks, RL_ROW, ro.advantages.tolist())
     if L.mode in ("gta", "sft"):
         sft = make(list(range(len(prompts))), *sft_targets(tok, prompts, L.mode), SFT_ROW, None)
+    global_row_counts_([b for b in (sft, rl) if b is not None], info)  # means over the global batch
     ref_lp = old_lp = None
     with autocast:
         if rl is not None and L.beta > 0:
@@ -132,7 +131,10 @@ def train_step(cfg: Config, step: int, policy, rollout_model, ref_model, tok, pr
     m["truncated_prompts"] = sum(p.truncated for p in prompts) * info.world_size  # the mean over ranks is the total
     for _ in range(L.num_iterations):
         t0 = time.perf_counter()
-        branches = ([(sft, None, None, None, 1.0)] if sft is not None else []) + (
+        # Each update starts from no gradient: after a step p.grad holds the combined
+        # gradient, and the next backward would add into it (mu > 1).
+        optimizer.zero_grad(set_to_none=True)
+        branches = ([(sft, None, None, normalizer, 1.0)] if sft is not None else []) + (
             [(rl, old_lp, ref_lp, normalizer, R.temperature)] if rl is not None else [])
         with autocast:
             results = backward(branches)

@@ -17,6 +17,7 @@ from typing import Sequence
 
 import torch
 
+from kernels import RowCounts
 from models.attention import AttnSpec
 
 SFT_ROW, RL_ROW = 1, 2  # row kinds of kernels.gta_loss
@@ -32,6 +33,13 @@ class PackedBatch:
     seq_ids: torch.Tensor  # [M] long: which sequence each loss row belongs to
     row_kind: torch.Tensor  # [M] int8: SFT_ROW or RL_ROW
     advantages: torch.Tensor  # [M] float32 (0 for SFT rows)
+    row_counts: RowCounts  # the loss means' denominators: this batch's own counts until made global
+
+
+def own_row_counts(row_kind: int, seq_ids: Sequence[int]) -> RowCounts:
+    """The counts of a one-kind batch's loss rows, from the host-side lists (no device sync)."""
+    rows, seqs = float(len(seq_ids)), float(len(set(seq_ids)))
+    return RowCounts(rows, 0.0, 0.0) if row_kind == SFT_ROW else RowCounts(0.0, rows, seqs)
 
 
 def pack(
@@ -78,4 +86,5 @@ def pack(
         seq_ids=t(seq_ids, torch.long),
         row_kind=torch.full((len(targets),), row_kind, dtype=torch.int8, device=device),
         advantages=t(adv, torch.float32),
+        row_counts=own_row_counts(row_kind, seq_ids),
     )

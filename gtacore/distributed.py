@@ -64,6 +64,20 @@ def all_reduce_mean(values: torch.Tensor, info: DistInfo) -> torch.Tensor:
     return values
 
 
+def global_row_counts_(batches: list, info: DistInfo) -> None:
+    """Make each packed batch's loss means global: its `row_counts` become the mean over
+    ranks of every rank's counts (global count / ranks; see kernels.gta_loss). Then each
+    rank's loss is its share of the global-batch mean, and the rank mean of the gradients,
+    which the data-parallel all-reduce takes, is the global batch's gradient. One small
+    all-reduce and one host sync per step, before the updates."""
+    if not info.distributed:
+        return
+    counts = torch.tensor([c for b in batches for c in b.row_counts], dtype=torch.float64, device=info.device)
+    counts = all_reduce_mean(counts, info).view(len(batches), -1).tolist()
+    for b, c in zip(batches, counts):
+        b.row_counts = type(b.row_counts)(*c)
+
+
 def all_reduce_grads_(grads: list[torch.Tensor | None], info: DistInfo) -> None:
     """Average gradients over ranks in place, one collective for all of them."""
     if not info.distributed:

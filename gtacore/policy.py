@@ -62,7 +62,7 @@ def loss_from_hidden(
     """The loss of a batch's loss rows (`hidden` [M, D]); its row kinds decide SFT or RL.
 
     `batch` is a PackedBatch or a prefix BranchPack (targets, row_kind, advantages,
-    seq_ids). old_logprobs None means "the current policy" (mu = 1): ratios are
+    seq_ids, row_counts). old_logprobs None means "the current policy" (mu = 1): ratios are
     exactly 1.
     """
     weight = head.to(hidden.dtype)
@@ -86,6 +86,7 @@ def loss_from_hidden(
         agg=args.agg,
         seq_ids=batch.seq_ids,
         loss_normalizer=loss_normalizer,
+        row_counts=batch.row_counts,
     )
 
 

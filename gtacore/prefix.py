@@ -34,9 +34,10 @@ from typing import Sequence
 
 import torch
 
-from kernels import FusedGTALoss, fused_linear_logprobs
+from kernels import FusedGTALoss, RowCounts, fused_linear_logprobs
 from models.attention import AttnSpec
 
+from .batch import own_row_counts
 from .config import LossArgs
 from .policy import head_weight, loss_from_hidden
 
@@ -60,6 +61,7 @@ class BranchPack:
     seq_ids: torch.Tensor  # [M] continuation index
     row_kind: torch.Tensor  # [M] int8
     advantages: torch.Tensor  # [M] float32
+    row_counts: RowCounts  # as PackedBatch.row_counts
 
 
 def pack_prompts(prompts: Sequence[Sequence[int]], device) -> PromptPack:
@@ -128,6 +130,7 @@ def pack_branches(
         seq_ids=t(seq_ids, torch.long),
         row_kind=torch.full((len(targets),), row_kind, dtype=torch.int8, device=device),
         advantages=t(adv, torch.float32),
+        row_counts=own_row_counts(row_kind, seq_ids),
     )
 
 

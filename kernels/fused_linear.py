@@ -31,7 +31,7 @@ from typing import NamedTuple
 
 import torch
 
-from kernels.gta_loss import IGNORE, gta_loss_reference, gta_row_losses, gta_row_weights
+from kernels.gta_loss import IGNORE, RowCounts, gta_loss_reference, gta_row_losses, gta_row_weights
 from kernels.selective_logprobs import (
     _new_output,
     _rows_backward,
@@ -229,6 +229,7 @@ def fused_linear_gta_loss(
     agg: str = "token_mean",
     seq_ids: torch.Tensor | None = None,
     loss_normalizer: float | None = None,
+    row_counts: RowCounts | None = None,
     chunk_size: int | None = None,
     fp32_grad_weight: bool = True,
 ) -> FusedGTALoss:
@@ -240,7 +241,7 @@ def fused_linear_gta_loss(
     twice (e.g. lambda_rl=0 on the SFT rows, lambda_sft=0 on the rollouts).
     """
     kwargs = dict(eps_low=eps_low, eps_high=eps_high, beta=beta, temperature=temperature, agg=agg,
-                  seq_ids=seq_ids, loss_normalizer=loss_normalizer)
+                  seq_ids=seq_ids, loss_normalizer=loss_normalizer, row_counts=row_counts)
     _check_shapes(hidden, weight, targets)
     if not triton_runs_on(hidden):
         return fused_linear_gta_loss_reference(hidden, weight, targets, row_kind, old_logprobs, advantages,
@@ -249,7 +250,7 @@ def fused_linear_gta_loss(
         raise ValueError("beta != 0 needs ref_logprobs")
     N, D = hidden.shape
     chunk_size = chunk_size or default_chunk_size(N, weight.shape[0], D)
-    sft_weight, rl_weight = gta_row_weights(row_kind, agg, seq_ids, loss_normalizer)
+    sft_weight, rl_weight = gta_row_weights(row_kind, agg, seq_ids, loss_normalizer, row_counts)
     scalars = (eps_low, eps_high, beta, float(temperature), lambda_sft, lambda_rl)
     loss, sft_loss, rl_loss, *stats = _FusedLinearGTALoss.apply(
         hidden, weight, targets.contiguous(), row_kind, old_logprobs, advantages, ref_logprobs,

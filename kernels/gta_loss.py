@@ -14,6 +14,11 @@ Every aggregation is a weighted sum, L = sum_i w_i f(logp_i), with weights w_i f
 kinds (and sequence ids) alone (`gta_row_weights`). So dL/dlogp_i depends on row i only, which
 is what lets `kernels.fused_linear` compute the gradient during its forward pass.
 
+Several ranks: the means are over the global batch when `row_counts` gives the denominators
+(global counts / number of ranks): each rank's loss is then its share of the global mean, and
+the mean over ranks of the losses (and gradients) is the global loss, whatever each rank's share
+of the tokens. The per-sequence token count of seq_mean stays local: a sequence lives on one rank.
+
 Implementation: `kernels.selective_logprobs` over the rows with kind != 0 gives logp [N]; the
 per-row math is plain PyTorch on [N] vectors (`gta_token_objective`, `gta_row_losses`, shared
 with the reference and the fused-linear path). Autograd turns the losses into dL/dlogp [N] and
@@ -30,6 +35,14 @@ from kernels.selective_logprobs import LogProbs, selective_logprobs, selective_l
 
 IGNORE, SFT, RL = 0, 1, 2  # row_kind codes
 AGGREGATIONS = ("token_mean", "seq_mean", "constant")
+
+
+class RowCounts(NamedTuple):
+    """Denominators of the loss means: counts over the global batch divided by the number of ranks."""
+
+    sft_rows: float  # SFT rows (the SFT token mean)
+    rl_rows: float  # RL rows (token_mean)
+    rl_seqs: float  # sequences with at least one RL row (seq_mean)
 
 
 class GTALoss(NamedTuple):
@@ -77,24 +90,26 @@ def gta_row_weights(
     agg: str = "token_mean",
     seq_ids: torch.Tensor | None = None,
     loss_normalizer: float | None = None,
+    row_counts: RowCounts | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-row weights (sft_weight [N], rl_weight [N], fp32) with L = sum_i w_i f(logp_i).
 
     seq_ids [N] long, needed by "seq_mean", must lie in [0, N) on RL rows (e.g. the index of the
     row's sequence in the micro-batch); it is not checked, to avoid a host-device sync.
+    row_counts: the means' denominators (module docstring); None counts these rows.
     """
     if agg not in AGGREGATIONS:
         raise ValueError(f"agg must be one of {AGGREGATIONS}, got {agg!r}")
     sft, rl = row_kind == SFT, row_kind == RL
-    sft_weight = sft.float() / sft.sum().clamp(min=1)
+    sft_weight = sft.float() / (sft.sum().clamp(min=1) if row_counts is None else (row_counts.sft_rows or 1.0))
     if agg == "token_mean":
-        rl_weight = rl.float() / rl.sum().clamp(min=1)
+        rl_weight = rl.float() / (rl.sum().clamp(min=1) if row_counts is None else (row_counts.rl_rows or 1.0))
     elif agg == "seq_mean":
         if seq_ids is None:
             raise ValueError('agg="seq_mean" needs seq_ids')
         seq = torch.where(rl, seq_ids, 0)
         tokens_per_seq = torch.zeros(row_kind.shape[0], device=row_kind.device).index_add_(0, seq, rl.float())
-        num_seqs = (tokens_per_seq > 0).sum().clamp(min=1)
+        num_seqs = (tokens_per_seq > 0).sum().clamp(min=1) if row_counts is None else (row_counts.rl_seqs or 1.0)
         rl_weight = torch.where(rl, 1.0 / (tokens_per_seq[seq].clamp(min=1) * num_seqs), 0.0)
     else:
         if loss_normalizer is None or loss_normalizer <= 0:
@@ -135,8 +150,8 @@ def gta_row_losses(
 
 
 def _gta_loss_from_logprobs(lp: LogProbs, row_kind, old_logprobs, advantages, ref_logprobs,
-                            eps_low, eps_high, beta, agg, seq_ids, loss_normalizer) -> GTALoss:
-    sft_weight, rl_weight = gta_row_weights(row_kind, agg, seq_ids, loss_normalizer)
+                            eps_low, eps_high, beta, agg, seq_ids, loss_normalizer, row_counts) -> GTALoss:
+    sft_weight, rl_weight = gta_row_weights(row_kind, agg, seq_ids, loss_normalizer, row_counts)
     sft_loss, rl_loss, token = gta_row_losses(
         lp.logprobs, row_kind, old_logprobs, advantages, ref_logprobs,
         sft_weight, rl_weight, eps_low, eps_high, beta,
@@ -154,12 +169,12 @@ def _gta_loss_from_logprobs(lp: LogProbs, row_kind, old_logprobs, advantages, re
 def gta_loss_reference(
     logits, targets, row_kind, old_logprobs, advantages, ref_logprobs=None, *,
     eps_low=0.2, eps_high=0.2, beta=0.0, temperature=1.0, agg="token_mean", seq_ids=None,
-    loss_normalizer=None,
+    loss_normalizer=None, row_counts=None,
 ) -> GTALoss:
     """Plain PyTorch over the full logits (fp32 log_softmax, fp64 for fp64 logits)."""
     lp = selective_logprobs_reference(logits, targets, temperature, row_kind != IGNORE, with_entropy=True)
     return _gta_loss_from_logprobs(lp, row_kind, old_logprobs, advantages, ref_logprobs,
-                                   eps_low, eps_high, beta, agg, seq_ids, loss_normalizer)
+                                   eps_low, eps_high, beta, agg, seq_ids, loss_normalizer, row_counts)
 
 
 def gta_loss(
@@ -177,16 +192,17 @@ def gta_loss(
     agg: str = "token_mean",
     seq_ids: torch.Tensor | None = None,
     loss_normalizer: float | None = None,
+    row_counts: RowCounts | None = None,
 ) -> GTALoss:
     """SFT and RL losses of a batch of rows, each differentiable on its own.
 
     logits [N, V] (any float dtype, rows may be strided), targets [N] long, row_kind [N] int
     (0 ignore, 1 SFT, 2 RL), old_logprobs / advantages / ref_logprobs [N] (read on RL rows only;
     ref_logprobs may be None when beta == 0), seq_ids [N] long for agg="seq_mean" (in [0, N)),
-    loss_normalizer for agg="constant". Returns GTALoss(sft_loss, rl_loss, stats) where stats
+    loss_normalizer for agg="constant", row_counts for means over a global batch. Returns GTALoss(sft_loss, rl_loss, stats) where stats
     holds detached [N] tensors: ratio (1 off RL rows), clipped (bool), kl (0 off RL rows or
     without ref), entropy and logprobs (0 on ignored rows).
     """
     lp = selective_logprobs(logits, targets, temperature, row_kind != IGNORE, with_entropy=True)
     return _gta_loss_from_logprobs(lp, row_kind, old_logprobs, advantages, ref_logprobs,
-                                   eps_low, eps_high, beta, agg, seq_ids, loss_normalizer)
+                                   eps_low, eps_high, beta, agg, seq_ids, loss_normalizer, row_counts)
