@@ -159,7 +159,8 @@ def train_step(cfg: Config, step: int, policy, rollout_model, ref_model, tok, pr
         if sft_grads is not None and rl_grads is not None:
             constrain = constrain_sharded_gradients if sharded else apply_gradient_constraint
             cs = constrain(params, sft_grads, rl_grads, L.constraint, L.granularity)
-            m.update(grad_cosine=cs.cosine, conflict_fraction=cs.conflict_fraction_params)
+            m.update(grad_cosine=cs.cosine, conflict_fraction=cs.conflict_fraction_params,
+                     conflict_fraction_elements=cs.conflict_fraction_elements)
         else:
             for p, g in zip(params, sft_grads or rl_grads):
                 p.grad = g

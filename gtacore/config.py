@@ -13,8 +13,14 @@ from dataclasses import dataclass, field
 from typing import Any, get_args, get_origin, get_type_hints
 
 
-def opt(default: Any, help: str, choices: tuple | None = None) -> Any:
-    return field(default=default, metadata={"help": help, "choices": choices})
+def opt(default: Any, help: str, choices: tuple | None = None, low: float | None = None, above: bool = False) -> Any:
+    """A field with its help text; `low`: the smallest value allowed (or, with `above`, the bound
+    it must exceed). Values are checked before any work starts (`check_config`)."""
+    return field(default=default, metadata={"help": help, "choices": choices, "low": low, "above": above})
+
+
+POSITIVE = dict(low=1)  # counts and sizes
+NONNEGATIVE = dict(low=0)
 
 
 @dataclass
@@ -32,63 +38,68 @@ class DataArgs:
     label_field: str = opt("label", "field holding the label")
     labels: str | None = opt(None, "comma-separated label set, or a file with one label per line; default: from the data")
     skip_unknown_labels: bool = opt(False, "skip rows whose label is outside the label set (counted) instead of failing")
-    shots: int = opt(1, "worked examples shown before each question (small models need >= 1 to produce the format)")
-    max_eval_examples: int = opt(60, "evaluate on at most this many examples, a seeded sample (0 = all)")
+    shots: int = opt(1, "worked examples shown before each question (small models need >= 1 to produce the format)", **NONNEGATIVE)
+    system_prompt: str | None = opt(None, "the task instruction sent as the system message ({labels} becomes the label list); default: ours, which asks for the mode's format")
+    template_system_prompt: bool = opt(False, "send no system message, so the chat template's own default system prompt applies (Qwen2.5, SmolLM2); the task instruction then opens the first user turn")
+    max_eval_examples: int = opt(60, "evaluate on at most this many examples, a seeded sample (0 = all)", **NONNEGATIVE)
 
 
 @dataclass
 class RolloutArgs:
-    group_size: int = opt(8, "G: completions sampled per prompt")
-    batch_size: int = opt(4, "prompts per step per rank")
-    temperature: float = opt(1.0, "sampling temperature (the policy log-probs use the same T)")
-    top_p: float = opt(1.0, "nucleus sampling")
-    max_prompt_tokens: int = opt(1024, "prompt length limit (see --long-prompts)")
+    group_size: int = opt(8, "G: completions sampled per prompt", **POSITIVE)
+    batch_size: int = opt(4, "prompts per step per rank", **POSITIVE)
+    temperature: float = opt(1.0, "sampling temperature (the policy log-probs use the same T)", low=0, above=True)
+    top_p: float = opt(1.0, "nucleus sampling, in (0, 1]", low=0, above=True)
+    max_prompt_tokens: int = opt(1024, "prompt length limit (see --long-prompts)", **POSITIVE)
     long_prompts: str = opt("truncate", "a longer prompt: cut its text to fit (counted in the metrics), or stop with an error naming the row", ("truncate", "error"))
-    max_new_tokens: int = opt(64, "completion length limit")
+    max_new_tokens: int = opt(64, "completion length limit", **POSITIVE)
 
 
 @dataclass
 class LossArgs:
     mode: str = opt("gta", "gta: guess by SFT + think/answer by RL; sft: label by cross-entropy; grpo: RL only", ("gta", "sft", "grpo"))
-    beta: float = opt(0.0, "k3 KL weight to the frozen reference (0 loads no reference model)")
-    eps_low: float = opt(0.2, "lower clip: ratio >= 1 - eps_low")
-    eps_high: float = opt(0.2, "upper clip: ratio <= 1 + eps_high")
-    num_iterations: int = opt(1, "mu: optimizer updates per batch of rollouts")
+    beta: float = opt(0.0, "k3 KL weight to the frozen reference (0 loads no reference model)", **NONNEGATIVE)
+    eps_low: float = opt(0.2, "lower clip: ratio >= 1 - eps_low, in [0, 1)", **NONNEGATIVE)
+    eps_high: float = opt(0.2, "upper clip: ratio <= 1 + eps_high", **NONNEGATIVE)
+    num_iterations: int = opt(1, "mu: optimizer updates per batch of rollouts (paper: 4)", **POSITIVE)
     agg: str = opt("token_mean", "RL loss aggregation", ("token_mean", "seq_mean", "constant"))
-    loss_normalizer: float = opt(0.0, "constant normaliser for --agg constant (0 = batch x max_new_tokens)")
+    loss_normalizer: float = opt(0.0, "constant normaliser for --agg constant (0 = batch x max_new_tokens)", **NONNEGATIVE)
     scale_std: bool = opt(True, "divide advantages by the group std (off = Dr. GRPO)")
-    w_format: float = opt(1.0, "reward weight of a well-formed completion")
-    w_acc: float = opt(1.0, "reward weight of a correct answer")
-    lambda_sft: float = opt(1.0, "weight of the SFT loss")
-    lambda_rl: float = opt(1.0, "weight of the RL loss")
-    constraint: str = opt("project", "gradient constraint between SFT and RL gradients", ("none", "gate", "project"))
+    w_format: float = opt(1.0, "reward weight of a well-formed completion", **NONNEGATIVE)
+    w_acc: float = opt(1.0, "reward weight of a correct answer", **NONNEGATIVE)
+    lambda_sft: float = opt(1.0, "weight of the SFT loss", **NONNEGATIVE)
+    lambda_rl: float = opt(1.0, "weight of the RL loss", **NONNEGATIVE)
+    constraint: str = opt("project", "gradient constraint between SFT and RL gradients; each step logs grad_cosine, "
+                          "conflict_fraction (the share of parameter tensors whose SFT and RL gradients point against "
+                          "each other) and conflict_fraction_elements (the same share weighted by element count)",
+                          ("none", "gate", "project"))
     granularity: str = opt("per_param", "decide per parameter tensor or on the whole model", ("per_param", "global"))
     shared_prefix: bool = opt(True, "run each prompt once for all its continuations (off: every sequence in full)")
 
 
 @dataclass
 class OptimArgs:
-    lr: float = opt(2e-5, "peak learning rate (AdamW)")
-    weight_decay: float = opt(0.0, "AdamW weight decay")
-    warmup_steps: int = opt(0, "linear warmup steps")
+    lr: float = opt(2e-5, "peak learning rate (AdamW)", **NONNEGATIVE)
+    weight_decay: float = opt(0.0, "AdamW weight decay", **NONNEGATIVE)
+    warmup_steps: int = opt(0, "linear warmup steps", **NONNEGATIVE)
     schedule: str = opt("constant", "after warmup", ("constant", "cosine"))
-    max_grad_norm: float = opt(1.0, "gradient clipping (0 = off)")
-    max_steps: int = opt(12, "training steps")
-    max_bad_steps: int = opt(3, "a step with a non-finite loss or gradient is skipped; stop after this many in a row")
+    max_grad_norm: float = opt(1.0, "gradient clipping (0 = off)", **NONNEGATIVE)
+    max_steps: int = opt(12, "training steps", **POSITIVE)
+    max_bad_steps: int = opt(3, "a step with a non-finite loss or gradient is skipped; stop after this many in a row", **POSITIVE)
 
 
 @dataclass
 class RunArgs:
     output_dir: str = opt("runs/gta", "metrics.jsonl, checkpoints and evaluation results go here")
     resume: bool = opt(False, "continue from the last complete checkpoint in --output-dir")
-    eval_every: int = opt(0, "evaluate every N steps (0 = only before and after training)")
-    save_every: int = opt(0, "checkpoint every N steps (0 = only the final one)")
-    eval_batch_size: int = opt(16, "prompts per greedy evaluation batch")
+    eval_every: int = opt(0, "evaluate every N steps (0 = only before and after training)", **NONNEGATIVE)
+    save_every: int = opt(0, "checkpoint every N steps (0 = only the final one)", **NONNEGATIVE)
+    eval_batch_size: int = opt(16, "prompts per greedy evaluation batch", **POSITIVE)
     seed: int = opt(0, "seed for data order, sampling and initialisation")
     device: str | None = opt(None, "cpu or cuda; default: cuda when available")
     activation_checkpointing: bool = opt(False, "recompute each block's activations in the backward: saved activations fall to one hidden state per token and layer, for about one more forward")
     shard: str = opt("ddp", "ddp: every rank holds the whole model and optimizer; fsdp: FSDP2 shards them per block", ("ddp", "fsdp"))
-    dist_timeout: float = opt(1800.0, "seconds a collective may wait for the other ranks before the run fails; keep it above a checkpoint write, which the other ranks wait for")
+    dist_timeout: float = opt(1800.0, "seconds a collective may wait for the other ranks before the run fails; keep it above a checkpoint write, which the other ranks wait for", low=0, above=True)
     progress: bool = opt(True, "show a progress bar on rank 0")
 
 
@@ -146,6 +157,40 @@ def build_parser(description: str = "", suppress_defaults: bool = False) -> argp
     return parser
 
 
+def config_problems(cfg: Config) -> list[str]:
+    """What is wrong with a configuration, each naming the flag and the value; [] if nothing.
+
+    Bounds come from the fields (`opt(low=...)`); below are the combinations that would run
+    but train nothing, or fail much later.
+    """
+    problems = []
+    for section in _SECTIONS.values():
+        args = getattr(cfg, section)
+        for f in dataclasses.fields(args):
+            low, value, flag = f.metadata.get("low"), getattr(args, f.name), "--" + f.name.replace("_", "-")
+            if low is None or value is None:
+                continue
+            if value < low or (f.metadata["above"] and value == low):
+                problems.append(f"{flag} must be {'>' if f.metadata['above'] else '>='} {low}, got {value}")
+    L, R = cfg.loss, cfg.rollout
+    if R.top_p > 1:
+        problems.append(f"--top-p must be <= 1, got {R.top_p}")
+    if L.eps_low >= 1:
+        problems.append(f"--eps-low must be < 1 (the ratio's lower clip 1 - eps_low must stay positive), got {L.eps_low}")
+    if L.mode == "grpo" and R.group_size == 1:
+        problems.append("--group-size 1 in grpo mode: every group-normalised advantage is 0, so nothing is learned")
+    if L.mode != "sft" and L.w_format == 0 and L.w_acc == 0:
+        problems.append("--w-format 0 and --w-acc 0: every reward is 0, so the RL loss learns nothing")
+    used = {"gta": (L.lambda_sft, L.lambda_rl), "sft": (L.lambda_sft,), "grpo": (L.lambda_rl,)}[L.mode]
+    if not any(used):
+        problems.append(f"--lambda-sft {L.lambda_sft} and --lambda-rl {L.lambda_rl}: no loss is left in {L.mode} mode")
+    if cfg.data.eval_data and not cfg.data.data:
+        problems.append(f"--eval-data {cfg.data.eval_data} without --data: the labels come from the training file")
+    if cfg.run.device not in (None, "cpu") and not cfg.run.device.startswith("cuda"):
+        problems.append(f"--device must be cpu or cuda[:N], got {cfg.run.device}")
+    return problems
+
+
 def parse_config(argv: list[str] | None = None, description: str = "", gpu: bool = False) -> Config:
     """Parse the command line; with `gpu`, flags left at their default take GPU_DEFAULTS."""
     parser = build_parser(description)
@@ -157,4 +202,8 @@ def parse_config(argv: list[str] | None = None, description: str = "", gpu: bool
         if gpu and (section, name) in GPU_DEFAULTS and key not in given:
             value = GPU_DEFAULTS[(section, name)]
         sections[section][name] = value
-    return Config(**{name: cls(**sections[name]) for cls, name in _SECTIONS.items()})
+    cfg = Config(**{name: cls(**sections[name]) for cls, name in _SECTIONS.items()})
+    problems = config_problems(cfg)
+    if problems:  # exits with status 2 and the usage line, before anything is loaded
+        parser.error("; ".join(problems))
+    return cfg
