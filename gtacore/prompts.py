@@ -23,14 +23,29 @@ Parsing rules (`parse_completion`), all ours where GTA.md is silent:
 
 Span codes (`span_codes`) label every completion token for the losses (GTA.md, "Spans").
 GUESS covers the whole guess block `<guess>y</guess>`, tags included: exactly the text the SFT
-target teaches, so that `rl_mask` keeps every RL gradient off it from the codes alone.
+target teaches, so that `rl_mask` keeps every RL gradient off it from the codes alone. A guess
+never closed has no GUESS span: nothing marks where it would end, and painting the rest of the
+completion GUESS would hide its think and answer from the RL loss.
+
+Chat templates (ours; `render_chat`, `choose_layout`):
+- We always pass `enable_thinking=False`. Templates that do not know the variable ignore it;
+  Qwen3's then closes an empty `<think>\n\n</think>\n\n` block in the generation prompt, so the
+  model's first sampled token starts our structure rather than a free-form reasoning block. The
+  grpo format's own `<think>` follows that block; the parser only ever sees the completion.
+- A template may rewrite earlier assistant turns: Qwen3's keeps only the text after `</think>`,
+  so a gta worked example would reach the model as `<answer>y</answer>` alone. The rendered
+  prompt must hold every worked example's whole target; when the examples as earlier turns lose
+  any, they go inside the user turn as text instead, and when that loses them too it is an error.
 """
 
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Sequence
+
+from models.tokenizer import TokenizerError
 
 MODES = ("gta", "sft", "grpo")
 PROMPT, GUESS, THINK, ANSWER, OTHER = 0, 1, 2, 3, 4
@@ -78,29 +93,97 @@ def format_target(label: str, mode: str) -> str:
 
 
 def build_messages(
-    text: str, labels: list[str], mode: str, shots: Sequence[tuple[str, str]] = (), system: str | None = None
+    text: str, labels: list[str], mode: str, shots: Sequence[tuple[str, str]] = (), system: str | None = None,
+    *, template_system: bool = False, shots_in_user: bool = False,
 ) -> list[dict]:
-    """Chat messages: system instruction, k worked examples as earlier turns, then the question.
+    """Chat messages for one question: the instruction, k worked examples, then the question.
 
-    `system` replaces the default instruction; "{labels}" in it becomes the comma-separated
-    label list (str.replace, not str.format, so braces elsewhere are safe).
+    Layouts: by default a system message holds the instruction and each worked example is an
+    earlier user/assistant turn pair. `shots_in_user` puts the worked examples, each a text with
+    its full reply, as text into the one user message before the question (for templates that
+    rewrite assistant turns; `choose_layout` decides). `template_system` sends no system message,
+    so the template's own default system prompt applies, and opens the first user turn with the
+    instruction. `system` replaces the default instruction; "{labels}" in it becomes the
+    comma-separated label list (str.replace, not str.format, so braces elsewhere are safe).
     """
     _check_mode(mode)
     check_labels(labels)
     instruction = (_SYSTEM[mode] if system is None else system).replace("{labels}", ", ".join(labels))
-    messages = [{"role": "system", "content": instruction}]
-    for shot_text, shot_label in shots:
+    for _, shot_label in shots:
         if shot_label not in labels:
             raise ValueError(f"worked example label {shot_label!r} is not in the label set")
-        messages.append({"role": "user", "content": f"Text: {shot_text}"})
-        messages.append({"role": "assistant", "content": format_target(shot_label, mode)})
-    messages.append({"role": "user", "content": f"Text: {text}"})
-    return messages
+    question = f"Text: {text}"
+    if shots_in_user and shots:
+        examples = "\n\n".join(f"Example {i}\nText: {t}\nReply: {format_target(y, mode)}"
+                                 for i, (t, y) in enumerate(shots, 1))
+        turns = [f"Worked examples, each a text and the exact reply it gets:\n\n{examples}\n\n"
+                 f"Now reply the same way to this text.\n{question}"]
+    else:
+        turns = [turn for t, y in shots for turn in (f"Text: {t}", format_target(y, mode))] + [question]
+    messages = [{"role": "assistant" if i % 2 else "user", "content": turn} for i, turn in enumerate(turns)]
+    if template_system:
+        messages[0]["content"] = f"{instruction}\n\n{messages[0]['content']}"
+        return messages
+    return [{"role": "system", "content": instruction}, *messages]
+
+
+def render_chat(tokenizer, messages: list[dict]) -> str:
+    """Prompt text through the checkpoint's own chat template, ending with the assistant header
+    (for Qwen3, then an empty think block: see the module docstring)."""
+    return tokenizer.apply_chat_template(messages, add_generation_prompt=True, enable_thinking=False)
 
 
 def render_prompt(tokenizer, messages: list[dict]) -> list[int]:
-    """Prompt ids through the checkpoint's own chat template, ending with the assistant header."""
-    return tokenizer.encode(tokenizer.apply_chat_template(messages, add_generation_prompt=True))
+    """Prompt ids of `render_chat`."""
+    return tokenizer.encode(render_chat(tokenizer, messages))
+
+
+def _lost_targets(rendered: str, messages: list[dict], targets: list[str]) -> list[str]:
+    """Worked-example targets that `rendered` holds less often than `messages` do, each with
+    its tagged parts that are missing altogether.
+
+    Counting, not just finding, catches a template that drops only some assistant turns, and an
+    sft target (the bare label) that the label list in the instruction would otherwise supply.
+    """
+    lost = []
+    for target in dict.fromkeys(targets):
+        if rendered.count(target) < sum(m["content"].count(target) for m in messages):
+            parts = [m.group(0) for m in re.finditer(r"<(\w+)>.*?</\1>", target, re.S)] or [target]
+            missing = [p for p in parts if p not in rendered]
+            note = ("all of it" if len(missing) == len(parts) else f"missing {', '.join(map(repr, missing))}" if missing
+                    else "not whole where it was sent")
+            lost.append(f"{target!r} ({note})")
+    return lost
+
+
+def choose_layout(tokenizer, labels: list[str], mode: str, shots: Sequence[tuple[str, str]], system: str | None = None,
+                  template_system: bool = False) -> bool:
+    """Whether the worked examples must go inside the user turn: `build_messages(shots_in_user=...)`.
+
+    Renders a probe question with the examples as earlier turns; when the prompt lacks any
+    example's whole target, renders them inside the user turn; when that lacks one too, raises
+    TokenizerError naming the tokenizer folder and what was lost. Decided once per tokenizer,
+    mode, labels, examples and system settings (cached): it depends on the template, not on the question.
+    """
+    return _layout(tokenizer, tuple(labels), mode, tuple(map(tuple, shots)), system, template_system)
+
+
+@lru_cache(maxsize=64)
+def _layout(tokenizer, labels: tuple, mode: str, shots: tuple, system: str | None, template_system: bool) -> bool:
+    if not shots:
+        return False
+    targets = [format_target(y, mode) for _, y in shots]
+    lost = {}
+    for shots_in_user in (False, True):
+        messages = build_messages("", list(labels), mode, shots, system, template_system=template_system,
+                                  shots_in_user=shots_in_user)
+        lost[shots_in_user] = _lost_targets(render_chat(tokenizer, messages), messages, targets)
+        if not lost[shots_in_user]:
+            return shots_in_user
+    raise TokenizerError(
+        f"{getattr(tokenizer, 'path', 'tokenizer')}: the chat template drops part of the worked examples: as earlier "
+        f"assistant turns it loses {'; '.join(lost[False])}; inside the user turn it loses {'; '.join(lost[True])}. "
+        "Use a tokenizer whose template keeps them, or --shots 0")
 
 
 def sft_target(label: str, mode: str) -> str:
@@ -201,8 +284,9 @@ def _char_codes(text: str, mode: str) -> list[int]:
     """A span code per character of a decoded completion; defined for any text, well-formed or not.
 
     Each part is the first open tag of its kind up to the first matching close tag after it
-    (or to the limit if unclosed). Nothing after the first `</answer>` belongs to a part. Parts
-    are painted THINK, ANSWER, then GUESS, so that on overlap (nested tags) guess wins.
+    (think and answer: or to the limit if unclosed; an unclosed guess is no part, see the module
+    docstring). Nothing after the first `</answer>` belongs to a part. Parts are painted THINK,
+    ANSWER, then GUESS, so that on overlap (nested tags) guess wins.
     """
     codes = [OTHER] * len(text)
     if mode == "sft":  # the answer is the stripped text
@@ -220,7 +304,9 @@ def _char_codes(text: str, mode: str) -> list[int]:
             continue
         end = text.find(close_tag, start + len(open_tag), limit)
         if part == "guess":  # the whole block, tags included
-            end = limit if end < 0 else end + len(close_tag)
+            if end < 0:
+                continue
+            end += len(close_tag)
         else:
             start, end = start + len(open_tag), (limit if end < 0 else end)
         codes[start:end] = [code] * (end - start)

@@ -14,7 +14,7 @@ from models.generate import SamplingParams, generate
 from models.tokenizer import Tokenizer
 
 from .data import DataError, Example
-from .prompts import build_messages, rl_mask, sft_target_ids, span_codes
+from .prompts import build_messages, choose_layout, render_chat, rl_mask, sft_target_ids, span_codes
 from .rewards import batch_rewards, group_advantages
 
 
@@ -27,14 +27,27 @@ class Prompt:
 
 
 def make_prompts(tok: Tokenizer, examples: list[Example], labels: list[str], mode: str, shots: list[Example],
-                 max_tokens: int, truncate: bool = False) -> list[Prompt]:
+                 max_tokens: int, truncate: bool = False, system_prompt: str | None = None,
+                 template_system_prompt: bool = False) -> list[Prompt]:
     """Render each example's chat prompt. One longer than `max_tokens` tokens is an
     error naming the row, or with `truncate` keeps the head of the example's text
-    that fits (the instructions, label list and worked examples stay whole)."""
+    that fits (the instructions, label list and worked examples stay whole).
+
+    `system_prompt` replaces our instruction ("{labels}" becomes the label list). With
+    `template_system_prompt` no system message is sent, so the chat template's own default
+    system prompt applies, and the instruction opens the first user turn instead.
+    The worked examples are earlier user/assistant turns unless the template would drop part
+    of one (Qwen3 keeps only the text after `</think>` of earlier assistant turns); then they go
+    inside the user turn as text, and if that drops them too the template is refused
+    (`prompts.choose_layout`, decided once per template). Templates render with
+    `enable_thinking=False` (`prompts.render_chat`).
+    """
     shot_pairs = [(s.text, s.label) for s in shots]
+    shots_in_user = choose_layout(tok, labels, mode, shot_pairs, system_prompt, template_system_prompt)
 
     def render(text: str) -> tuple[str, list[int]]:
-        prompt = tok.apply_chat_template(build_messages(text, labels, mode, shot_pairs))
+        prompt = render_chat(tok, build_messages(text, labels, mode, shot_pairs, system=system_prompt,
+                                                 template_system=template_system_prompt, shots_in_user=shots_in_user))
         return prompt, tok.encode(prompt)
 
     out = []

@@ -69,6 +69,29 @@ class Tokenizer:
     def vocab_size(self) -> int:
         return self._tok.get_vocab_size(with_added_tokens=True)
 
+    def check_fits(self, num_embeddings: int, model_dir: str | Path | None = None) -> None:
+        """Raise TokenizerError unless every id this tokenizer can produce indexes a row of the
+        model's embedding table (`num_embeddings`, config.json's vocab_size).
+
+        An id past the table fails far from its cause: a device-side assert on the GPU, or a
+        silent wrong row. Checked: the vocabulary with added tokens, the special and stop ids
+        (generation_config.json may list ids the vocabulary lacks), and a rendered chat.
+        Fewer tokenizer ids than rows is fine (Qwen pads its table to a multiple of 128).
+        """
+        vocab = self._tok.get_vocab(with_added_tokens=True)
+        ids = [("vocabulary (with added tokens)", max(vocab.values(), default=-1)),
+               ("eos_token", self.eos_token_id), ("bos_token", self.bos_token_id), ("pad_token", self.pad_token_id),
+               *[("stop token (generation_config.json)", i) for i in self.stop_token_ids]]
+        if self.chat_template is not None:
+            chat = [{"role": r, "content": c} for r, c in (("user", "hi"), ("assistant", "hello"), ("user", "bye"))]
+            ids.append(("chat template's tokens", max(self.encode(self.apply_chat_template(chat)), default=-1)))
+        need = max(i for _, i in ids if i is not None) + 1
+        for what, i in ids:
+            if i is not None and i >= num_embeddings:
+                raise TokenizerError(
+                    f"{model_dir or self.path}: the tokenizer in {self.path} does not fit the model: its {what} has id {i}, "
+                    f"so it needs {need} embedding rows, but the model has {num_embeddings} (vocab_size in config.json)")
+
     def encode(self, text: str) -> list[int]:
         """Token ids of `text`; special tokens written in the text become their ids.
 

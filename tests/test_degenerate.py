@@ -125,9 +125,9 @@ def test_no_completion_emits_eos(setup, path):
     assert not any(parse_completion(t, LABELS, "gta").format_ok for t in texts)
     assert rewards.tolist() == [0.0, 1.0, 0.0, 0.0]  # the closed, correct answer still scores w_acc
     assert all(tok.eos_token_id not in c and len(m) == len(c) for c, m in zip(ids, masks))
-    # The RL loss sees exactly the text after the guess block (none at all when it never closed).
+    # The RL loss sees exactly the text after the guess block (all of it when the guess never closed).
     kept = [tok.decode([i for i, keep in zip(c, m) if keep]) for c, m in zip(ids, masks)]
-    assert kept == ["<think>bla bla", GOOD.removeprefix("<guess>joy</guess>") + " and then", "",
+    assert kept == ["<think>bla bla", GOOD.removeprefix("<guess>joy</guess>") + " and then", "<guess>joy",
                     "<think>x</think><answer>jo"]
     grads, out = rl_backward(setup, path, ids, masks, advantages, group_size=4)
     assert torch.isfinite(out.loss) and all_finite(grads) and not all_zero(grads)
@@ -150,8 +150,8 @@ def test_all_tag_completions(setup, path):
     ids, rewards, advantages, masks = rollout(tok, texts, ["joy"] * 3, group_size=3)
     assert [parse_completion(t, LABELS, "gta").format_ok for t in texts] == [False, False, True]
     assert rewards.tolist() == [0.0, 0.0, 2.0]
-    # An unclosed <guess> swallows the rest: no RL token at all; the EOS after it is outside it.
-    assert masks[1] == [False] * (len(ids[1]) - 1) + [True]
+    # An unclosed <guess> marks no guess block: every token, the EOS too, is in the RL loss.
+    assert all(masks[1])
     assert tok.decode([i for i, keep in zip(ids[0], masks[0]) if keep], skip_special_tokens=True) == \
         "<think></think><answer></answer>"
     grads, out = rl_backward(setup, path, ids, masks, advantages, group_size=3)
@@ -166,7 +166,7 @@ def test_batch_with_no_rl_tokens(setup, path, agg, kernel, monkeypatch):
     if kernel == "reference":
         monkeypatch.setattr(fused_linear_module, "triton_runs_on", lambda tensor: False)
     _, tok, _ = setup
-    texts = ["<guess>joy", "<guess><think><answer>", "<guess>fear</guess>"]
+    texts = ["<guess>joy</guess>", "<guess>anger</guess>", "<guess>fear</guess>"]
     ids = [tok.encode(t) for t in texts]  # truncated: no EOS, which would be an RL token
     masks = [rl_mask(span_codes(tok, c, "gta"), "gta") for c in ids]
     assert not any(any(m) for m in masks)

@@ -145,7 +145,7 @@ SPAN_CASES = {
          ("</answer>", O), ("<guess>fear</guess><answer>fear</answer>", O)],  # repeats: only the first of each counts
         [("<think>", O), ("a long pause, then relief", T), ("</think><answer>", O), ("love", A), ("</answer>", O)],  # no guess
         [("<think>", O), ("a", T), ("<guess>joy</guess>", G), ("b", T), ("</think><answer>", O), ("joy", A), ("</answer>", O)],
-        [("<guess>joy <think>so on and on", G)],  # unclosed guess: the block runs to the end
+        [("<guess>joy ", O), ("<think>", O), ("so on and on", T)],  # unclosed guess: no guess block
     ],
     "grpo": [
         [("<think>", O), ("the writer sounds glad about the news", T), ("</think><answer>", O), ("joy", A), ("</answer>", O)],
@@ -234,6 +234,17 @@ def test_span_codes_on_non_canonical_tokens(toks, name):
                 ids += piece
                 ranges += [(c, c + 1)] * len(piece)
             check_spans(tok, ids, ranges, text, char_codes, mode)
+
+
+def test_unclosed_guess_leaves_every_token_to_rl(toks):
+    """A guess never closed has no end to mark: no GUESS span, so its think and answer (and the
+    guess text itself, the policy's own format error) stay in the RL loss."""
+    text = "<guess>joy <think>glad words</think><answer>joy</answer>"
+    for tok in toks.values():
+        ids = tok.encode(text) + [tok.eos_token_id]
+        codes = span_codes(tok, ids, "gta")
+        assert GUESS not in codes and all(rl_mask(codes, "gta"))
+        assert THINK in codes and ANSWER in codes
 
 
 def test_guess_tokens_carry_the_guess(toks):
