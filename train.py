@@ -209,6 +209,21 @@ def train_step(cfg: Config, step: int, policy, rollout_model, ref_model, tok, pr
     return out
 
 
+def print_dry_run(cfg: Config, tok: Tokenizer, labels: list[str], prompt) -> None:
+    """What the model sees: the first training prompt exactly as its token ids decode (special
+    tokens included), the SFT target and which of its tokens carry the loss, the label set."""
+    print(f"labels ({len(labels)}): {', '.join(labels)}")
+    print(f"mode: {cfg.loss.mode}; worked examples: {cfg.data.shots}; first training example: {prompt.example.source}"
+          + (" (text truncated to fit --max-prompt-tokens)" if prompt.truncated else ""))
+    print(f"--- prompt: {len(prompt.ids)} tokens, as the model receives them ---")
+    print(tok.decode(prompt.ids))
+    print("--- end of prompt; the model's first generated token follows ---")
+    if cfg.loss.mode in ("gta", "sft"):
+        (ids,), (mask,) = sft_targets(tok, [prompt], cfg.loss.mode)
+        print(f"SFT target ({len(ids)} tokens): {tok.decode(ids)!r}")
+        print("SFT loss on: " + " ".join(repr(tok.decode([t])) for t, m in zip(ids, mask) if m))
+
+
 BUNDLED_TRAIN = Path(__file__).resolve().parent / "data" / "emotion_train.jsonl"
 BUNDLED_TEST = BUNDLED_TRAIN.with_name("emotion_test.jsonl")
 
@@ -229,32 +244,16 @@ def run(cfg: Config, info: DistInfo) -> None:
     out_dir = Path(cfg.run.output_dir)
     say = print if info.is_main else (lambda *a, **k: None)
 
-    # --- load ---
+    # --- model folder, tokenizer, data (no weights yet: --dry-run stops before them) ---
     model_path = Path(cfg.model.model) if cfg.model.model else default_model_dir(verbose=info.is_main)
-    dtype = models.parse_dtype(cfg.model.dtype)
     resume_from = latest_checkpoint(out_dir) if cfg.run.resume else None
     if cfg.run.resume and resume_from is None:
         say(f"--resume: no complete checkpoint in {out_dir}; starting fresh")
-    sharded = cfg.run.shard == "fsdp"  # see gtacore/fsdp.py for what each stage does with the shards
-    gpu_bf16 = info.device.type == "cuda"
-    # Each model is read whole, then sharded before the next one is read.
-    policy = models.load_pretrained(resume_from or model_path, dtype=dtype, device=info.device).train()
-    if cfg.run.activation_checkpointing:
-        checkpoint_blocks(policy)
-    if sharded:
-        shard_model(policy, mixed_precision=gpu_bf16)
-    ref_model = None
-    if cfg.loss.beta > 0 and cfg.loss.mode != "sft":
-        ref_model = models.load_pretrained(model_path, dtype=dtype, device=info.device).eval().requires_grad_(False)
-        if sharded:
-            shard_model(ref_model, mixed_precision=gpu_bf16)
-    rollout_copy = WholeModel(policy, torch.bfloat16 if gpu_bf16 else dtype, info.device) if sharded else None
     tok = Tokenizer(model_path)
-
-    # --- data ---
+    tok.check_fits(models.ModelConfig.from_file(model_path).vocab_size, model_path)
     D = cfg.data
     if D.data is None:  # the built-in default: the bundled emotion dataset
-        D.data, D.eval_data = str(BUNDLED_TRAIN), D.eval_data or str(BUNDLED_TEST)
+        D.data, D.eval_data = str(BUNDLED_TRAIN), str(BUNDLED_TEST)
         say(f"data: {D.data} (bundled; pass --data FILE for your own)")
     train_data, shots = load_dataset_from_args(D.data, D.data, D.recipe, D.text_field, D.label_field, D.labels, D.shots,
                                                cfg.run.seed, D.skip_unknown_labels)
@@ -269,6 +268,34 @@ def run(cfg: Config, info: DistInfo) -> None:
             eval_examples = random.Random(cfg.run.seed).sample(eval_examples, D.max_eval_examples)
     sampler = BatchSampler(len(train_data.examples), cfg.rollout.batch_size, cfg.run.seed, info.rank, info.world_size,
                            source=D.data)
+    truncate = cfg.rollout.long_prompts == "truncate"
+    prompt_style = dict(system_prompt=D.system_prompt, template_system_prompt=D.template_system_prompt)
+
+    def prompts_for(examples):
+        return make_prompts(tok, examples, labels, cfg.loss.mode, shots, cfg.rollout.max_prompt_tokens, truncate,
+                            **prompt_style)
+
+    if cfg.run.dry_run:
+        if info.is_main:
+            print_dry_run(cfg, tok, labels, prompts_for([train_data.examples[sampler.next_batch()[0]]])[0])
+        return
+
+    # --- load ---
+    dtype = models.parse_dtype(cfg.model.dtype)
+    sharded = cfg.run.shard == "fsdp"  # see gtacore/fsdp.py for what each stage does with the shards
+    gpu_bf16 = info.device.type == "cuda"
+    # Each model is read whole, then sharded before the next one is read.
+    policy = models.load_pretrained(resume_from or model_path, dtype=dtype, device=info.device).train()
+    if cfg.run.activation_checkpointing:
+        checkpoint_blocks(policy)
+    if sharded:
+        shard_model(policy, mixed_precision=gpu_bf16)
+    ref_model = None
+    if cfg.loss.beta > 0 and cfg.loss.mode != "sft":
+        ref_model = models.load_pretrained(model_path, dtype=dtype, device=info.device).eval().requires_grad_(False)
+        if sharded:
+            shard_model(ref_model, mixed_precision=gpu_bf16)
+    rollout_copy = WholeModel(policy, torch.bfloat16 if gpu_bf16 else dtype, info.device) if sharded else None
 
     # --- optimizer ---
     params = [p for p in policy.parameters() if p.requires_grad]
@@ -280,8 +307,6 @@ def run(cfg: Config, info: DistInfo) -> None:
         sampler.load_state_dict(state["sampler"])
         start_step, bad_steps = state["step"], state.get("bad_steps", 0)
         say(f"resumed from {resume_from} at step {start_step}")
-
-    truncate = cfg.rollout.long_prompts == "truncate"
 
     def rollout_model():
         """The model that generates: the policy, or (FSDP) its whole copy, refreshed."""
@@ -325,7 +350,7 @@ def run(cfg: Config, info: DistInfo) -> None:
     for step in range(start_step, cfg.optim.max_steps):
         t0 = time.perf_counter()
         examples = [train_data.examples[i] for i in sampler.next_batch()]
-        prompts = make_prompts(tok, examples, labels, cfg.loss.mode, shots, cfg.rollout.max_prompt_tokens, truncate)
+        prompts = prompts_for(examples)
         gen_model = rollout_model() if cfg.loss.mode != "sft" else None
         metrics = train_step(cfg, step, policy, gen_model, ref_model, tok, prompts, labels, optimizer, info)
         metrics.update(step=step + 1, time_step=time.perf_counter() - t0)

@@ -101,6 +101,7 @@ class RunArgs:
     shard: str = opt("ddp", "ddp: every rank holds the whole model and optimizer; fsdp: FSDP2 shards them per block", ("ddp", "fsdp"))
     dist_timeout: float = opt(1800.0, "seconds a collective may wait for the other ranks before the run fails; keep it above a checkpoint write, which the other ranks wait for", low=0, above=True)
     progress: bool = opt(True, "show a progress bar on rank 0")
+    dry_run: bool = opt(False, "print the first training prompt exactly as the model receives it (special tokens included), the SFT target and the label set, then exit without loading the weights")
 
 
 # The defaults above are sized so that `python train.py` finishes in about 15 minutes

@@ -131,7 +131,8 @@ def estimate_for_run(cfg, model_config: ModelConfig, tok, examples, labels, shot
     """The estimate for train.py's configuration; prompt and target lengths are measured
     on the first examples (their prompts are rendered, nothing runs)."""
     mode = cfg.loss.mode
-    sample = make_prompts(tok, examples[:32], labels, mode, shots, cfg.rollout.max_prompt_tokens, truncate)
+    sample = make_prompts(tok, examples[:32], labels, mode, shots, cfg.rollout.max_prompt_tokens, truncate,
+                          cfg.data.system_prompt, cfg.data.template_system_prompt)
     sft_tokens = 0 if mode == "grpo" else max(len(t) for t in sft_targets(tok, sample, mode)[0])
     shape = StepShape(batch=cfg.rollout.batch_size, group=cfg.rollout.group_size, prompt_tokens=max(len(p.ids) for p in sample),
                       new_tokens=cfg.rollout.max_new_tokens, sft_tokens=sft_tokens, mode=mode, reference=cfg.loss.beta > 0)

@@ -261,3 +261,19 @@ def test_nothing_unpickles(tmp_path, monkeypatch):
         m(torch.tensor([prompt])).logsumexp(-1).mean().backward()
         opt.step()
     assert all(torch.equal(a, b) for a, b in zip(model.parameters(), again.parameters()))
+
+
+def test_a_tokenizer_larger_than_the_model_is_refused_at_load(tmp_path):
+    import train
+
+    model = write_tiny_checkpoint(tmp_path / "model")
+    data = write_dataset(tmp_path / "train.jsonl", 12)
+    config = json.loads((model / "config.json").read_text())
+    need = Tokenizer(model).vocab_size
+    rows = need - 2  # the tokenizer now has 2 ids past the embedding table
+    config["vocab_size"] = rows
+    (model / "config.json").write_text(json.dumps(config))
+    with pytest.raises(TokenizerError, match=rf"{model}.*needs {need} embedding rows, but the model has {rows}"):
+        train.main(["--model", str(model), "--data", str(data), "--device", "cpu", "--no-progress",
+                    "--output-dir", str(tmp_path / "run")])
+    assert not (tmp_path / "run").exists()
