@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import math
-import random
 import resource
 import time
 from contextlib import nullcontext
@@ -30,7 +29,7 @@ from gtacore.config import Config, parse_config
 from gtacore.sampling import BatchSampler
 from gtacore.distributed import (DistInfo, all_finite, all_reduce_grads_, all_reduce_mean, assert_replicas_identical,
                                  global_row_counts_, grad_norm_and_health, init_distributed, shutdown)
-from gtacore.evaluate import evaluate
+from gtacore.evaluate import eval_subset, evaluate
 from gtacore.fsdp import WholeModel, constrain_sharded_gradients, full_state_dict, local, reshard, shard_model
 from gtacore.loading import load_dataset_from_args
 from gtacore.memory import estimate_for_run, format_estimate
@@ -235,6 +234,8 @@ def main(argv=None) -> None:
     info = init_distributed(cfg.run.device, cfg.run.dist_timeout, need_group=cfg.run.shard == "fsdp")
     try:
         run(cfg, info)
+        if info.distributed:  # gloo: a rank leaving while its last send is in flight aborts the other
+            torch.distributed.barrier()
     finally:
         shutdown(info)
 
@@ -262,10 +263,7 @@ def run(cfg: Config, info: DistInfo) -> None:
     if D.eval_data:
         eval_data, _ = load_dataset_from_args(D.eval_data, None, D.recipe, D.text_field, D.label_field, D.labels, 0,
                                               cfg.run.seed, D.skip_unknown_labels, label_set=labels)
-        eval_examples = eval_data.examples
-        if D.max_eval_examples and D.max_eval_examples < len(eval_examples):
-            # A seeded sample, not the file's head, so a small budget still sees every class.
-            eval_examples = random.Random(cfg.run.seed).sample(eval_examples, D.max_eval_examples)
+        eval_examples = eval_subset(eval_data.examples, D.max_eval_examples, cfg.run.seed)
     sampler = BatchSampler(len(train_data.examples), cfg.rollout.batch_size, cfg.run.seed, info.rank, info.world_size,
                            source=D.data)
     truncate = cfg.rollout.long_prompts == "truncate"
@@ -317,7 +315,7 @@ def run(cfg: Config, info: DistInfo) -> None:
             return None
         report = evaluate(rollout_model(), tok, eval_examples, labels, cfg.loss.mode, shots, cfg.rollout.max_new_tokens,
                           cfg.rollout.max_prompt_tokens, cfg.run.eval_batch_size, progress=cfg.run.progress and info.is_main,
-                          truncate=truncate)
+                          truncate=truncate, info=info, **prompt_style)
         if info.is_main:
             with open(out_dir / "eval.jsonl", "a") as f:
                 f.write(json.dumps({"step": step, "tag": tag, **{k: v for k, v in report.items() if k != "samples"}}) + "\n")

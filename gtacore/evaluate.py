@@ -1,101 +1,266 @@
 """Greedy evaluation: accuracy, weighted/macro F1, format rate, guess accuracy, guess->answer changes.
 
-    python -m gtacore.evaluate --model DIR --data test.jsonl [--mode gta] [--shots 1]
+    python -m gtacore.evaluate --model DIR --data test.jsonl --train-data train.jsonl [--mode gta] [--shots 1]
+    python -m gtacore.evaluate --run RUN_DIR        # a train.py run's "after" evaluation, again
+    torchrun --nproc_per_node N -m gtacore.evaluate --run-dir RUN_DIR   # the same report, decoded by N ranks
+
+With --run, the data, label set, worked examples, prompts and sizes come from the
+run's config.json and the model from RUN_DIR/final; any other flag given overrides
+the run's value (e.g. --max-examples 0 for the whole test set).
+
+Across ranks, the batches of the one-process run are dealt round-robin: each rank
+decodes whole batches, so every example is padded and decoded exactly as in one
+process (greedy decoding is not bitwise independent of its batch: padding changes
+the shapes and so the float rounding). The predictions are then gathered in order,
+and every rank scores the same list: the report does not depend on the rank count.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import random
+from dataclasses import dataclass
 from pathlib import Path
+from typing import get_args, get_type_hints
 
 import torch
+import torch.distributed as dist
 
+import models
 from models.generate import SamplingParams, generate
 from models.tokenizer import Tokenizer
 
+from .config import Config
 from .data import Example
+from .distributed import DistInfo, init_distributed, shutdown
+from .loading import load_dataset_from_args
 from .metrics import classification_report, format_table, guess_answer_changes
 from .progress import Progress
 from .prompts import parse_completion
 from .rollout import make_prompts
 
 
+@dataclass
+class Prediction:
+    """One example's greedy completion, parsed."""
+
+    gold: str
+    guess: str | None
+    answer: str | None
+    format_ok: bool
+    truncated: bool  # its prompt was cut to fit max_prompt_tokens
+    completion: str  # decoded without special tokens
+
+
+def eval_subset(examples: list[Example], max_examples: int, seed: int) -> list[Example]:
+    """At most `max_examples` (0 = all): a seeded sample, not the file's head, so a
+    small budget still sees every class. train.py and the command both pick it here."""
+    if max_examples and max_examples < len(examples):
+        return random.Random(seed).sample(examples, max_examples)
+    return examples
+
+
+def rank_batches(n: int, batch_size: int, rank: int = 0, world_size: int = 1) -> list[range]:
+    """The example indices of this rank's batches: batch b (examples b*batch_size onward) goes to rank b % world_size."""
+    starts = range(0, n, batch_size)[rank::world_size]
+    return [range(s, min(s + batch_size, n)) for s in starts]
+
+
 @torch.no_grad()
-def evaluate(model, tok: Tokenizer, data: list[Example], labels: list[str], mode: str, shots: list[Example],
-             max_new_tokens: int, max_prompt_tokens: int, batch_size: int = 16, progress: bool = False,
-             truncate: bool = False) -> dict:
-    """Greedy-decode every example; return the metrics dict (see module docstring)."""
+def predict(model, tok: Tokenizer, data: list[Example], labels: list[str], mode: str, shots: list[Example],
+            max_new_tokens: int, max_prompt_tokens: int, batch_size: int = 16, progress: bool = False,
+            truncate: bool = False, *, system_prompt: str | None = None, template_system_prompt: bool = False,
+            info: DistInfo | None = None) -> list[Prediction]:
+    """Greedy-decode this rank's batches; return every example's prediction, in `data`'s order, on every rank.
+
+    With `info` over several ranks the gather is the one collective: ranks may
+    decode different numbers of batches. The progress bar counts rank 0's share.
+    """
+    rank, world = (info.rank, info.world_size) if info is not None else (0, 1)
+    batches = rank_batches(len(data), batch_size, rank, world)
     was_training = model.training
     model.eval()
-    golds, guesses, answers, formats, samples = [], [], [], [], []
-    truncated = 0
-    bar = Progress(len(data), "eval", enabled=progress)
-    for start in range(0, len(data), batch_size):
-        chunk = data[start : start + batch_size]
-        prompts = make_prompts(tok, chunk, labels, mode, shots, max_prompt_tokens, truncate)
-        truncated += sum(p.truncated for p in prompts)
+    mine = []  # [my batches][examples in the batch]
+    bar = Progress(sum(len(b) for b in batches), "eval", enabled=progress and rank == 0)
+    for batch in batches:
+        chunk = [data[i] for i in batch]
+        prompts = make_prompts(tok, chunk, labels, mode, shots, max_prompt_tokens, truncate,
+                               system_prompt=system_prompt, template_system_prompt=template_system_prompt)
         gen = generate(model, [p.ids for p in prompts], SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0),
                        tok.stop_token_ids, tok.pad_token_id)
         lengths = gen.mask.sum(-1).tolist()
-        for r, ex in enumerate(chunk):
+        predictions = []
+        for r, prompt in enumerate(prompts):
             text = tok.decode(gen.tokens[r, : lengths[r]].tolist(), skip_special_tokens=True)
             parsed = parse_completion(text, labels, mode)
-            golds.append(ex.label)
-            guesses.append(parsed.guess)
-            answers.append(parsed.answer)
-            formats.append(parsed.format_ok)
-            if len(samples) < 5:
-                samples.append({"text": ex.text, "gold": ex.label, "completion": text})
+            predictions.append(Prediction(prompt.example.label, parsed.guess, parsed.answer, parsed.format_ok,
+                                          prompt.truncated, text))
+        mine.append(predictions)
         bar.update(len(chunk))
     bar.close()
     model.train(was_training)
+    per_rank = [mine]  # [ranks][their batches][examples]
+    if world > 1:
+        per_rank = [None] * world
+        dist.all_gather_object(per_rank, mine)  # plain Python objects: works on gloo and NCCL alike
+    num_batches = len(range(0, len(data), batch_size))
+    return [p for b in range(num_batches) for p in per_rank[b % world][b // world]]
+
+
+def score(predictions: list[Prediction], data: list[Example], labels: list[str], mode: str) -> dict:
+    """The metrics dict (see the module docstring) of `data`'s predictions, with its first 5 completions."""
+    golds = [p.gold for p in predictions]
+    answers = [p.answer for p in predictions]
     report = classification_report(golds, answers, labels)
-    report["format_rate"] = sum(formats) / max(len(formats), 1)
-    report["truncated_prompts"] = truncated
+    report["format_rate"] = sum(p.format_ok for p in predictions) / max(len(predictions), 1)
+    report["truncated_prompts"] = sum(p.truncated for p in predictions)
     if mode == "gta":
+        guesses = [p.guess for p in predictions]
         report["guess_accuracy"] = sum(g == y for g, y in zip(guesses, golds)) / max(len(golds), 1)
         report["guess_answer_changes"] = guess_answer_changes(golds, guesses, answers)
-    report["samples"] = samples
+    report["samples"] = [{"text": ex.text, "gold": p.gold, "completion": p.completion}
+                         for ex, p in zip(data[:5], predictions)]
     return report
 
 
-def main(argv=None) -> None:
-    from models import load_pretrained
+def evaluate(model, tok: Tokenizer, data: list[Example], labels: list[str], mode: str, shots: list[Example],
+             max_new_tokens: int, max_prompt_tokens: int, batch_size: int = 16, progress: bool = False,
+             truncate: bool = False, *, system_prompt: str | None = None, template_system_prompt: bool = False,
+             info: DistInfo | None = None) -> dict:
+    """Greedy-decode every example (each rank its share, with `info`); return the metrics dict, the same on every rank."""
+    predictions = predict(model, tok, data, labels, mode, shots, max_new_tokens, max_prompt_tokens, batch_size, progress,
+                          truncate, system_prompt=system_prompt, template_system_prompt=template_system_prompt, info=info)
+    return score(predictions, data, labels, mode)
 
-    from .loading import load_dataset_from_args
 
+# --- the command ---
+
+# Flags that set a training-config field: (section, field, flag, help when it differs from the field's).
+CONFIG_FLAGS = [
+    ("data", "eval_data", "--data", "evaluation file (.jsonl, .csv, .tsv, .parquet)"),
+    ("data", "data", "--train-data",
+     "the training file: the label set and the worked examples come from it (needed with --shots > 0)"),
+    ("data", "recipe", "--recipe", None),
+    ("data", "text_field", "--text-field", None),
+    ("data", "label_field", "--label-field", None),
+    ("data", "labels", "--labels", None),
+    ("data", "skip_unknown_labels", "--skip-unknown-labels", None),
+    ("data", "shots", "--shots", None),
+    ("data", "system_prompt", "--system-prompt", None),
+    ("data", "template_system_prompt", "--template-system-prompt", None),
+    ("data", "max_eval_examples", "--max-examples",
+     "evaluate on at most this many examples, a seeded sample (0 = all; the default without --run)"),
+    ("loss", "mode", "--mode", "the output format to ask for and parse"),
+    ("rollout", "max_new_tokens", "--max-new-tokens", None),
+    ("rollout", "max_prompt_tokens", "--max-prompt-tokens", None),
+    ("rollout", "long_prompts", "--long-prompts", None),
+    ("run", "eval_batch_size", "--batch-size", None),
+    ("run", "seed", "--seed", "seed for the worked examples and the --max-examples sample"),
+    ("model", "dtype", "--dtype", "load the weights in this dtype (float32 | bfloat16); default: the checkpoint's"),
+    ("run", "device", "--device", None),
+]
+
+
+def _field(cls, name: str) -> dataclasses.Field:
+    return next(f for f in dataclasses.fields(cls) if f.name == name)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command line; a config flag lands in the namespace as "section.field" only when given."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", required=True, help="checkpoint folder (HF layout)")
-    ap.add_argument("--data", required=True, help="evaluation file (.jsonl, .csv, .tsv, .parquet)")
-    ap.add_argument("--train-data", help="file to draw the worked examples from (default: --data)")
-    ap.add_argument("--mode", default="gta", choices=("gta", "sft", "grpo"))
-    ap.add_argument("--recipe", help="field/label recipe (sst5, emotion, massive, bbc_news)")
-    ap.add_argument("--text-field", default="text")
-    ap.add_argument("--label-field", default="label")
-    ap.add_argument("--labels", help="comma-separated label set or a file with one label per line")
-    ap.add_argument("--shots", type=int, default=1)
-    ap.add_argument("--max-new-tokens", type=int, default=64)
-    ap.add_argument("--max-prompt-tokens", type=int, default=1024)
-    ap.add_argument("--long-prompts", default="truncate", choices=("truncate", "error"),
-                    help="a prompt over --max-prompt-tokens: cut its text to fit (counted), or fail naming the row")
-    ap.add_argument("--max-examples", type=int, default=0, help="0 = all")
-    ap.add_argument("--batch-size", type=int, default=16)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    # --run-dir for torchrun, whose own parser takes "--run" for an abbreviation of its --run-path.
+    ap.add_argument("--run", "--run-dir", metavar="RUN_DIR",
+                    help="a train.py output folder: its config.json gives every setting below that is not given")
+    ap.add_argument("--model", help="checkpoint folder (HF layout); with --run, default RUN/final")
     ap.add_argument("--output", help="write the metrics as JSON here")
-    args = ap.parse_args(argv)
+    sections = get_type_hints(Config)  # section name -> its dataclass
+    for section, name, flag, help in CONFIG_FLAGS:
+        cls = sections[section]
+        field = _field(cls, name)
+        tp = get_type_hints(cls)[name]
+        tp = next((a for a in get_args(tp) if a is not type(None)), tp)  # `int | None` -> int
+        kw = dict(dest=f"{section}.{name}", default=argparse.SUPPRESS, help=help or field.metadata["help"])
+        if tp is bool:
+            ap.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
+        else:
+            choices = field.metadata["choices"]
+            metavar = None if choices else flag[2:].upper().replace("-", "_")  # not "DATA.EVAL_DATA"
+            ap.add_argument(flag, type=tp, choices=choices, metavar=metavar, **kw)
+    return ap
 
-    data, shots = load_dataset_from_args(args.data, args.train_data or args.data, args.recipe, args.text_field,
-                                         args.label_field, args.labels, args.shots, args.seed)
-    examples = data.examples[: args.max_examples or None]
-    model = load_pretrained(args.model, device=args.device)
-    tok = Tokenizer(args.model)
-    report = evaluate(model, tok, examples, data.labels, args.mode, shots, args.max_new_tokens, args.max_prompt_tokens,
-                      args.batch_size, progress=True, truncate=args.long_prompts == "truncate")
-    print(format_table(report))
-    if args.output:
-        Path(args.output).write_text(json.dumps(report, indent=2))
+
+def config_from_args(args: argparse.Namespace) -> Config:
+    """The run's config (or the defaults, evaluating all examples), with the given flags on top."""
+    if args.run:
+        saved = json.loads((Path(args.run) / "config.json").read_text())
+        sections = get_type_hints(Config)  # section name -> its dataclass
+        cfg = Config(**{name: sections[name](**values) for name, values in saved.items()})
+    else:
+        cfg = Config()
+        cfg.data.max_eval_examples = 0
+    for key, value in vars(args).items():
+        if "." in key:
+            section, name = key.split(".")
+            setattr(getattr(cfg, section), name, value)
+    return cfg
+
+
+def load_eval_set(cfg: Config) -> tuple[list[Example], list[str], list[Example]]:
+    """(examples, labels, worked examples) as train.py evaluates them: the label set and the
+    worked examples from the training file (when given), the evaluation file read against
+    that label set, and its seeded subset."""
+    D, seed = cfg.data, cfg.run.seed
+    labels, shots = None, []
+    if D.data:
+        train, shots = load_dataset_from_args(D.data, D.data, D.recipe, D.text_field, D.label_field, D.labels, D.shots,
+                                              seed, D.skip_unknown_labels)
+        labels = train.labels
+    test, _ = load_dataset_from_args(D.eval_data, None, D.recipe, D.text_field, D.label_field, D.labels, 0, seed,
+                                     D.skip_unknown_labels, label_set=labels)
+    return eval_subset(test.examples, D.max_eval_examples, seed), test.labels, shots
+
+
+def main(argv=None) -> None:
+    ap = build_parser()
+    args = ap.parse_args(argv)
+    cfg = config_from_args(args)
+    for section, name, flag, _ in CONFIG_FLAGS:  # the bounds the config fields declare
+        value, meta = getattr(getattr(cfg, section), name), _field(type(getattr(cfg, section)), name).metadata
+        if meta.get("low") is not None and value is not None and (value < meta["low"] or meta["above"] and value == meta["low"]):
+            ap.error(f"{flag} must be {'>' if meta['above'] else '>='} {meta['low']}, got {value}")
+    D = cfg.data
+    if not D.eval_data:
+        ap.error("pass --data FILE (the evaluation file), or --run RUN_DIR of a run that had evaluation data")
+    if D.shots > 0 and not D.data:
+        ap.error(f"--shots {D.shots}: worked examples come from the training file, never the test file; "
+                 "pass --train-data FILE, or --shots 0")
+    model_dir = args.model or (str(Path(args.run) / "final") if args.run else None)
+    if model_dir is None:
+        ap.error("pass --model DIR, or --run RUN_DIR")
+
+    examples, labels, shots = load_eval_set(cfg)
+    info = init_distributed(cfg.run.device)  # one process, or torchrun's ranks sharing the examples
+    try:
+        dtype = cfg.model.dtype
+        if args.run and cfg.run.shard == "fsdp" and info.device.type == "cuda":
+            dtype = torch.bfloat16  # train.py evaluated FSDP runs on GPUs with a bf16 whole copy (fsdp.WholeModel)
+        tok = Tokenizer(model_dir)
+        tok.check_fits(models.ModelConfig.from_file(model_dir).vocab_size, model_dir)
+        model = models.load_pretrained(model_dir, dtype=dtype, device=info.device)
+        report = evaluate(model, tok, examples, labels, cfg.loss.mode, shots, cfg.rollout.max_new_tokens,
+                          cfg.rollout.max_prompt_tokens, cfg.run.eval_batch_size, progress=True,
+                          truncate=cfg.rollout.long_prompts == "truncate", system_prompt=D.system_prompt,
+                          template_system_prompt=D.template_system_prompt, info=info)
+        if info.distributed:
+            dist.barrier()  # gloo: a rank that leaves while its last send is in flight aborts the other
+    finally:
+        shutdown(info)
+    if info.is_main:
+        print(format_table(report))
+        if args.output:
+            Path(args.output).write_text(json.dumps(report, indent=2))
 
 
 if __name__ == "__main__":

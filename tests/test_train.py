@@ -42,7 +42,7 @@ def test_each_mode_trains_logs_evaluates_and_saves(setup, tmp_path, mode):
         if mode != "grpo":
             assert "sft_loss" in r
         if mode == "gta":
-            assert {"grad_cosine", "conflict_fraction", "guess_accuracy"} <= set(r)
+            assert {"grad_cosine", "conflict_fraction", "conflict_fraction_elements", "guess_accuracy"} <= set(r)
     evals = [json.loads(line) for line in (out / "eval.jsonl").read_text().splitlines()]
     assert [e["tag"] for e in evals] == ["before", "after"] and "weighted_f1" in evals[-1]
     # The final checkpoint loads in transformers with the same logits as ours.
