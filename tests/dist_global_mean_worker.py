@@ -19,12 +19,12 @@ import torch
 import torch.distributed as dist
 
 import models
-from gtacore.batch import RL_ROW, SFT_ROW, pack
 from gtacore.config import LossArgs
-from gtacore.distributed import DistInfo, all_reduce_grads_, all_reduce_mean, global_row_counts_
-from gtacore.fsdp import shard_model, whole
-from gtacore.policy import plain_backward
-from gtacore.prefix import pack_branches, pack_prompts, prefix_backward
+from gtacore.distributed import DistInfo
+from gtacore.packing import global_row_counts_
+from gtacore.losses import Branch, forward_backward
+from gtacore.packing import RL_ROW, SFT_ROW, pack_prompts, pack_rows
+from gtacore.parallel import average_gradients, shard_model, whole
 
 G, MAX_NEW = 2, 16  # completions per prompt; the constant normaliser's length
 
@@ -46,29 +46,25 @@ def union(batches):
     return tuple(sum((list(b[i]) for b in batches), []) for i in range(5))
 
 
+def rank_mean(x: torch.Tensor, info) -> float:
+    if info.distributed:
+        x = x.clone()
+        dist.all_reduce(x)
+        x /= info.world_size
+    return x.item()
+
+
 def grads_and_losses(model, params, batch, agg, shared_prefix, info):
     prompts, conts, masks, adv, sft = batch
-    parent = [r // G for r in range(len(conts))]
-    if shared_prefix:
-        pp = pack_prompts(prompts, "cpu")
-        rl = pack_branches(pp, parent, conts, masks, RL_ROW, adv, "cpu")
-        sf = pack_branches(pp, list(range(len(prompts))), sft, [[True] * len(s) for s in sft], SFT_ROW, None, "cpu")
-    else:
-        rl = pack([prompts[b] for b in parent], conts, masks, RL_ROW, adv, "cpu")
-        sf = pack(prompts, sft, [[True] * len(s) for s in sft], SFT_ROW, None, "cpu")
+    packed = pack_prompts(prompts, "cpu") if shared_prefix else prompts
+    rl = pack_rows(packed, [r // G for r in range(len(conts))], conts, masks, RL_ROW, adv, "cpu")
+    sf = pack_rows(packed, list(range(len(prompts))), sft, [[True] * len(s) for s in sft], SFT_ROW, None, "cpu")
     global_row_counts_([sf, rl], info)
-    normalizer = len(prompts) * G * MAX_NEW  # per-rank batch, as train.py
-    branches = [(sf, None, None, normalizer, 1.0), (rl, None, None, normalizer, 1.0)]
-    args = LossArgs(agg=agg)
-    if shared_prefix:
-        results = prefix_backward(model, params, pp, branches, args)
-    else:
-        results = plain_backward(model, params, branches, args)
+    settings = LossArgs(agg=agg).settings(1.0, len(prompts) * G * MAX_NEW)  # per-rank batch, as train.py
     out = []
-    for grads, loss in results:
-        if not getattr(model, "_is_fsdp", False):
-            all_reduce_grads_(grads, info)
-        out.append(([whole(g).clone() for g in grads], all_reduce_mean(loss.loss.detach().double(), info).item()))
+    for r in forward_backward(model, params, [Branch(sf, settings), Branch(rl, settings)]):
+        average_gradients(r.grads, info)  # DDP; FSDP's are reduce-scattered already
+        out.append(([whole(g).clone() for g in r.grads], rank_mean(r.loss.loss.detach().double(), info)))
     return out
 
 
@@ -78,7 +74,6 @@ def main(model_dir: str, out_dir: str) -> None:
     info, alone = DistInfo(rank, world, 0, torch.device("cpu")), DistInfo()
     plain = models.load_pretrained(model_dir).train()
     fsdp = shard_model(models.load_pretrained(model_dir).train(), mixed_precision=False)
-    fsdp._is_fsdp = True
     vocab = plain.config.vocab_size
     batches = [rank_batch(r, vocab) for r in range(world)]
     report = {}
@@ -96,6 +91,7 @@ def main(model_dir: str, out_dir: str) -> None:
                     assert abs(l - el) <= 1e-5 * abs(el), f"{key} {kind}: loss {l} != union {el}"
     if rank == 0:
         Path(out_dir, "report.json").write_text(json.dumps(report, indent=1))
+    dist.barrier()  # gloo: a rank that leaves while its last send is in flight aborts the other
     dist.destroy_process_group()
 
 

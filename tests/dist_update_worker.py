@@ -36,4 +36,5 @@ for shard in ("ddp", "fsdp"):
         norms[name] = sq.sqrt().tolist()
 if info.is_main:
     (out / "norms.json").write_text(json.dumps(norms))
+dist.barrier()  # gloo: a rank that leaves while its last send is in flight aborts the other
 shutdown(info)
