@@ -13,12 +13,12 @@ import itertools
 import torch
 from common import measured_matmul_tflops, out_of_memory, parse_args, report, run_case, try_liger
 
-from kernels import fused_linear_gta_loss, gta_loss
+from kernels import LossSettings, fused_linear_gta_loss, gta_loss
 from kernels.gta_loss import gta_loss_reference
 
 GRID = {"N": (4096, 16384, 65536), "V": (49152, 128256, 151936), "D": (576, 2048, 3584)}
 TINY = {"N": (64,), "V": (1531,), "D": (32,)}
-SETTINGS = dict(eps_low=0.2, eps_high=0.28, beta=0.04, temperature=0.7)
+SETTINGS = LossSettings(eps_low=0.2, eps_high=0.28, beta=0.04, temperature=0.7)
 SEQUENCES = 8  # Liger's layout: B sequences of N / B tokens
 
 
@@ -43,8 +43,8 @@ def liger_methods(batch):
     methods = {}
     grpo = try_liger("liger_kernel.chunked_loss", "LigerFusedLinearGRPOLoss")
     if grpo is not None:
-        loss_fn = grpo(beta=SETTINGS["beta"], epsilon_low=SETTINGS["eps_low"], epsilon_high=SETTINGS["eps_high"],
-                       temperature=SETTINGS["temperature"], loss_type="bnpo")
+        loss_fn = grpo(beta=SETTINGS.beta, epsilon_low=SETTINGS.eps_low, epsilon_high=SETTINGS.eps_high,
+                       temperature=SETTINGS.temperature, loss_type="bnpo")
         ids, mask = targets[: B * L].view(B, L), torch.ones(B, L, device="cuda")
         methods["liger_grpo"] = lambda: torch.autograd.grad(
             loss_fn(hidden[: B * L].view(B, L, -1), weight, ids, mask, advantages[:B],
@@ -71,13 +71,13 @@ def main():
 
         def unfused(loss_fn):
             def step():
-                sft_loss, rl_loss, _ = loss_fn(hidden @ weight.T, *rest, **SETTINGS)
+                sft_loss, rl_loss, _ = loss_fn(hidden @ weight.T, *rest, SETTINGS)
                 return torch.autograd.grad(sft_loss + rl_loss, (hidden, weight))
 
             return step
 
         def fused():
-            return torch.autograd.grad(fused_linear_gta_loss(*batch, **SETTINGS).loss, (hidden, weight))
+            return torch.autograd.grad(fused_linear_gta_loss(*batch, SETTINGS).loss, (hidden, weight))
 
         methods = {"eager": unfused(gta_loss_reference), "compile": compiled and unfused(compiled),
                    "unfused": unfused(gta_loss), "fused": fused, **liger_methods(batch)}

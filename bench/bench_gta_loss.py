@@ -11,12 +11,12 @@ import itertools
 import torch
 from common import measured_bandwidth_gbs, out_of_memory, parse_args, report, run_case, try_liger
 
-from kernels import gta_loss
+from kernels import LossSettings, gta_loss
 from kernels.gta_loss import gta_loss_reference
 
 GRID = {"N": (4096, 16384, 65536), "V": (49152, 128256, 151936)}
 TINY = {"N": (64,), "V": (1531,)}
-SETTINGS = dict(eps_low=0.2, eps_high=0.28, beta=0.04, temperature=0.7)
+SETTINGS = LossSettings(eps_low=0.2, eps_high=0.28, beta=0.04, temperature=0.7)
 SEQUENCES = 8  # Liger's layout: B sequences of N / B tokens
 
 
@@ -42,8 +42,8 @@ def liger_method(batch):
     L = logits.shape[0] // B
     liger_logits = torch.randn(B, L + 1, V, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     ids, old, ref = (t[: B * L].view(B, L) for t in (targets, old, ref))
-    settings = dict(temperature=SETTINGS["temperature"], beta=SETTINGS["beta"], eps_low=SETTINGS["eps_low"],
-                    eps_high=SETTINGS["eps_high"], inplace=True)
+    settings = dict(temperature=SETTINGS.temperature, beta=SETTINGS.beta, eps_low=SETTINGS.eps_low,
+                    eps_high=SETTINGS.eps_high, inplace=True)
 
     def step():
         loss = triton_grpo_loss(liger_logits, old, ref, ids, advantages[:B], **settings)[0]
@@ -65,7 +65,7 @@ def main():
 
         def fwd_bwd(fn):
             def step():
-                sft_loss, rl_loss, _ = fn(*batch, **SETTINGS)
+                sft_loss, rl_loss, _ = fn(*batch, SETTINGS)
                 return torch.autograd.grad(sft_loss + rl_loss, logits)
 
             return step

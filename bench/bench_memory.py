@@ -20,6 +20,7 @@ the estimate only (it keeps the script from rotting; tests/test_bench.py runs it
 
 import argparse
 import csv
+import dataclasses
 import sys
 import time
 from pathlib import Path
@@ -30,13 +31,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import REPO, environment  # noqa: E402  (sets up the path and Triton's CPU mode)
 
 import models  # noqa: E402
-from gtacore.batch import RL_ROW, SFT_ROW  # noqa: E402
 from gtacore.config import LossArgs  # noqa: E402
 from gtacore.distributed import DistInfo, init_distributed  # noqa: E402
-from gtacore.fsdp import WholeModel, constrain_sharded_gradients, reshard, shard_model  # noqa: E402
+from gtacore.losses import Branch, forward_backward, logprobs  # noqa: E402
 from gtacore.memory import GB, StepShape, estimate_memory  # noqa: E402
-from gtacore.policy import checkpoint_blocks  # noqa: E402
-from gtacore.prefix import pack_branches, pack_prompts, prefix_backward, prefix_logprobs  # noqa: E402
+from gtacore.packing import RL_ROW, SFT_ROW, pack_prompts, pack_rows  # noqa: E402
+from gtacore.parallel import WholeModel, checkpoint_blocks, reshard, shard_model  # noqa: E402
 from gtacore.projection import apply_gradient_constraint  # noqa: E402
 from models.config import ModelConfig  # noqa: E402
 from models.decoder import Decoder  # noqa: E402
@@ -130,21 +130,23 @@ def run_shape(name: str, args, info: DistInfo) -> list[dict]:
         def training():
             pp = pack_prompts(prompts, device)
             conts = gen.tokens.tolist()
-            rl = pack_branches(pp, [r // G for r in range(B * G)], conts, [[True] * len(c) for c in conts], RL_ROW,
-                               torch.randn(B * G, generator=g).tolist(), device)
+            rl = pack_rows(pp, [r // G for r in range(B * G)], conts, [[True] * len(c) for c in conts], RL_ROW,
+                           torch.randn(B * G, generator=g).tolist(), device)
             sft_ids = [torch.randint(0, mc.vocab_size, (args.sft_tokens,), generator=g).tolist() for _ in range(B)]
-            sft = pack_branches(pp, list(range(B)), sft_ids, [[True] * args.sft_tokens] * B, SFT_ROW, None, device)
+            sft = pack_rows(pp, list(range(B)), sft_ids, [[True] * args.sft_tokens] * B, SFT_ROW, None, device)
             with autocast:
-                ref_lp = prefix_logprobs(ref, pp, rl, 1.0) if ref is not None else None
+                ref_lp = logprobs(ref, rl, 1.0) if ref is not None else None
                 if sharded and ref is not None:
                     reshard(ref)
-                branches = ([(sft, None, None, None, 1.0)] if args.mode == "gta" else []) + [(rl, None, ref_lp, B * G * T, 1.0)]
-                results = prefix_backward(policy, params, pp, branches, LossArgs(beta=args.beta))
+                settings = LossArgs(beta=args.beta).settings(1.0, B * G * T)
+                rl_settings = settings if ref_lp is not None else dataclasses.replace(settings, beta=0.0)
+                branches = ([Branch(sft, dataclasses.replace(settings, beta=0.0))] if args.mode == "gta" else []) + \
+                    [Branch(rl, rl_settings, None, ref_lp)]
+                results = forward_backward(policy, params, branches)
             if args.mode == "gta":
-                constrain = constrain_sharded_gradients if sharded else apply_gradient_constraint
-                constrain(params, results[0][0], results[1][0], "project", "per_param")
+                apply_gradient_constraint(params, results[0].grads, results[1].grads, "project", "per_param")
             else:
-                for p, grad in zip(params, results[0][0]):
+                for p, grad in zip(params, results[0].grads):
                     p.grad = grad
             optimizer.step()
             for p in params:

@@ -37,11 +37,15 @@ from safetensors.torch import save_file
 import models
 from models.checkpoint import CheckpointError
 
-from .distributed import DistInfo
-from .fsdp import as_param_shard, full_state_dict, is_sharded, local, local_rows
+from .distributed import DistInfo, all_finite, assert_replicas_identical
+from .parallel import as_param_shard, full_state_dict, is_sharded, local, local_rows
 
 STATE_TENSORS = "trainer_state.safetensors"
 STATE_JSON = "trainer_state.json"
+
+
+class TrainingError(RuntimeError):
+    """The run cannot go on (e.g. too many non-finite steps in a row, or parameters not finite)."""
 
 
 def checkpoint_dir(output_dir: str | Path, step: int) -> Path:
@@ -100,6 +104,20 @@ def save_checkpoint(path: Path, model, tokenizer_dir, optimizer: torch.optim.Opt
     if sharded and info.world_size > 1:
         dist.barrier()  # nobody moves on (or exits) before the checkpoint exists
     return path
+
+
+def save_training(path: Path, model, tokenizer_dir, optimizer: torch.optim.Optimizer, state: dict, info: DistInfo) -> None:
+    """`save_checkpoint` from a training run (every rank calls it), after the checks that keep
+    a bad state off the disk: finite parameters, and (DDP) the same parameters on every rank."""
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    if not all_finite([local(p) for p in params], info):
+        raise TrainingError(f"the parameters are not finite at step {state['step']}; not writing {path}")
+    if is_sharded(model):  # every rank takes part: weights are gathered, each writes its optimizer shard
+        save_checkpoint(path, model, tokenizer_dir, optimizer, state, info)
+        return
+    assert_replicas_identical(params, info)
+    if info.is_main:
+        save_checkpoint(path, model, tokenizer_dir, optimizer, state, info)
 
 
 def latest_checkpoint(output_dir: str | Path) -> Path | None:

@@ -12,6 +12,10 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, get_args, get_origin, get_type_hints
 
+import torch
+
+from kernels import LossSettings
+
 
 def opt(default: Any, help: str, choices: tuple | None = None, low: float | None = None, above: bool = False) -> Any:
     """A field with its help text; `low`: the smallest value allowed (or, with `above`, the bound
@@ -75,6 +79,12 @@ class LossArgs:
                           ("none", "gate", "project"))
     granularity: str = opt("per_param", "decide per parameter tensor or on the whole model", ("per_param", "global"))
     shared_prefix: bool = opt(True, "run each prompt once for all its continuations (off: every sequence in full)")
+
+    def settings(self, temperature: float, batch_tokens: float) -> LossSettings:
+        """The kernels' loss settings; `batch_tokens` (batch x G x max new tokens) is --agg constant's
+        normaliser unless --loss-normalizer gives one."""
+        return LossSettings(self.lambda_sft, self.lambda_rl, self.eps_low, self.eps_high, self.beta, temperature,
+                            self.agg, self.loss_normalizer or batch_tokens)
 
 
 @dataclass
@@ -141,38 +151,56 @@ def _base_type(tp):
     return tp
 
 
-def build_parser(description: str = "", suppress_defaults: bool = False) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+def add_config_flags(parser: argparse.ArgumentParser, fields: dict | None = None) -> None:
+    """One flag per config field, grouped by section, with dest "section.name" and a value only
+    when given (`apply_flags` reads them back). `fields`: {(section, name): (flag, help or None)}
+    to take only those fields, renamed or re-described; default every field, flag `--name`."""
     for cls in CONFIG_CLASSES:
-        group = parser.add_argument_group(cls.__name__.removesuffix("Args").lower())
-        hints = get_type_hints(cls)
+        section, hints = _SECTIONS[cls], get_type_hints(cls)
+        group = parser.add_argument_group(section)
         for f in dataclasses.fields(cls):
-            flag = "--" + f.name.replace("_", "-")
-            tp = _base_type(hints[f.name])
-            default = argparse.SUPPRESS if suppress_defaults else f.default  # SUPPRESS: only given flags appear
-            kw = dict(default=default, help=f.metadata["help"], dest=f"{_SECTIONS[cls]}.{f.name}")
-            if tp is bool:
+            if fields is not None and (section, f.name) not in fields:
+                continue
+            flag, help = (fields or {}).get((section, f.name), ("--" + f.name.replace("_", "-"), None))
+            gpu = GPU_DEFAULTS.get((section, f.name))
+            default = f" (default: {f.default}" + (f"; {gpu} on a GPU)" if gpu is not None else ")")
+            kw = dict(default=argparse.SUPPRESS, help=(help or f.metadata["help"]) + default, dest=f"{section}.{f.name}")
+            if _base_type(hints[f.name]) is bool:
                 group.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
             else:
-                group.add_argument(flag, type=tp, choices=f.metadata.get("choices"), **kw)
-    return parser
+                choices = f.metadata["choices"]
+                group.add_argument(flag, type=_base_type(hints[f.name]), choices=choices,
+                                   metavar=None if choices else flag.lstrip("-").upper().replace("-", "_"), **kw)
+
+
+def apply_flags(cfg: Config, flags: dict) -> Config:
+    """Set the fields named "section.name" in `flags` (an argparse namespace's dict); others are ignored."""
+    for key, value in flags.items():
+        if "." in key:
+            section, name = key.split(".", 1)
+            setattr(getattr(cfg, section), name, value)
+    return cfg
+
+
+def bound_problems(cfg: Config, fields: dict | None = None) -> list[str]:
+    """Fields outside their bounds (`opt(low=...)`), naming the flag (as `add_config_flags`) and value."""
+    problems = []
+    for cls in CONFIG_CLASSES:
+        section = _SECTIONS[cls]
+        for f in dataclasses.fields(cls):
+            low, value = f.metadata.get("low"), getattr(getattr(cfg, section), f.name)
+            if low is None or value is None or (fields is not None and (section, f.name) not in fields):
+                continue
+            flag = (fields or {}).get((section, f.name), ("--" + f.name.replace("_", "-"),))[0]
+            if value < low or (f.metadata["above"] and value == low):
+                problems.append(f"{flag} must be {'>' if f.metadata['above'] else '>='} {low}, got {value}")
+    return problems
 
 
 def config_problems(cfg: Config) -> list[str]:
-    """What is wrong with a configuration, each naming the flag and the value; [] if nothing.
-
-    Bounds come from the fields (`opt(low=...)`); below are the combinations that would run
-    but train nothing, or fail much later.
-    """
-    problems = []
-    for section in _SECTIONS.values():
-        args = getattr(cfg, section)
-        for f in dataclasses.fields(args):
-            low, value, flag = f.metadata.get("low"), getattr(args, f.name), "--" + f.name.replace("_", "-")
-            if low is None or value is None:
-                continue
-            if value < low or (f.metadata["above"] and value == low):
-                problems.append(f"{flag} must be {'>' if f.metadata['above'] else '>='} {low}, got {value}")
+    """What is wrong with a training configuration, each naming the flag and the value; [] if
+    nothing: the bounds, and the combinations that would run but train nothing or fail later."""
+    problems = bound_problems(cfg)
     L, R = cfg.loss, cfg.rollout
     if R.top_p > 1:
         problems.append(f"--top-p must be <= 1, got {R.top_p}")
@@ -192,19 +220,20 @@ def config_problems(cfg: Config) -> list[str]:
     return problems
 
 
-def parse_config(argv: list[str] | None = None, description: str = "", gpu: bool = False) -> Config:
-    """Parse the command line; with `gpu`, flags left at their default take GPU_DEFAULTS."""
-    parser = build_parser(description)
-    ns = vars(parser.parse_args(argv))
-    given = set(vars(build_parser(description, suppress_defaults=True).parse_args(argv)))
-    sections: dict[str, dict] = {name: {} for name in _SECTIONS.values()}
-    for key, value in ns.items():
-        section, name = key.split(".", 1)
-        if gpu and (section, name) in GPU_DEFAULTS and key not in given:
-            value = GPU_DEFAULTS[(section, name)]
-        sections[section][name] = value
-    cfg = Config(**{name: cls(**sections[name]) for cls, name in _SECTIONS.items()})
-    problems = config_problems(cfg)
-    if problems:  # exits with status 2 and the usage line, before anything is loaded
+def gpu_config() -> Config:
+    """The defaults with GPU_DEFAULTS applied."""
+    return apply_flags(Config(), {f"{section}.{name}": value for (section, name), value in GPU_DEFAULTS.items()})
+
+
+def parse_config(argv: list[str] | None = None, description: str = "") -> Config:
+    """Parse the command line. Flags left out keep their default, or on a GPU (CUDA available and
+    --device not cpu) GPU_DEFAULTS. Bad values exit with status 2 before anything is loaded."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_config_flags(parser)
+    given = vars(parser.parse_args(argv))
+    gpu = torch.cuda.is_available() and not str(given.get("run.device", "cuda")).startswith("cpu")
+    cfg = gpu_config() if gpu else Config()
+    problems = config_problems(apply_flags(cfg, given))
+    if problems:
         parser.error("; ".join(problems))
     return cfg

@@ -1,5 +1,5 @@
-"""Labelled texts: load them from JSONL/CSV/TSV/Parquet, name their labels, and
-cut them into deterministic, resumable, per-rank batches.
+"""Labelled texts: load them from JSONL/CSV/TSV/Parquet (gtacore/readers.py), name their
+labels, and draw the worked examples.
 
 Every bad input raises `DataError` naming the file and the line (the 1-based
 file line for JSONL/CSV/TSV, the 1-based row for Parquet): a trainer that dies
@@ -13,22 +13,20 @@ Integer labels (and digit strings, when `label_names` is given) are indices into
 
 from __future__ import annotations
 
-import csv
-import io
-import json
 import logging
+import random
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+
+import numpy as np
+
+from .readers import DataError, parse_labels, read_rows
 
 log = logging.getLogger(__name__)
 
 _INDEX = re.compile(r"[0-9]+")  # ASCII only: str.isdigit() also accepts '²' and Devanagari digits
-
-
-class DataError(ValueError):
-    """A bad data file, label list or sampler setting; the message says where."""
 
 
 @dataclass(frozen=True)
@@ -90,21 +88,6 @@ def apply_recipe(name: str) -> Recipe:
     return RECIPES[name]
 
 
-def read_label_file(path: str | Path) -> list[str]:
-    """One label per line, in order; blank lines are ignored."""
-    path = Path(path)
-    lines = [(i, line.strip()) for i, line in enumerate(_decode(path, "utf-8").split("\n"), 1)]
-    labels, seen = [], set()
-    for lineno, label in lines:
-        if not label:
-            continue
-        if label in seen:
-            raise DataError(f"{path}:{lineno}: duplicate label {label!r}")
-        seen.add(label)
-        labels.append(label)
-    return labels
-
-
 # ---------------------------------------------------------------------------
 # Loading.
 
@@ -133,7 +116,7 @@ def load_examples(
     known = set(label_set) if label_set is not None else None
 
     examples, skipped = [], 0
-    for lineno, row in _rows(path, (text_field, label_field), encoding):
+    for lineno, row in read_rows(path, (text_field, label_field), encoding):
         where = f"{path}:{lineno}"
         text = _text(row, text_field, where)
         label = _label(row, label_field, names, allowed, where)
@@ -211,104 +194,91 @@ def _label(row: dict, field: str, names: list[str] | None, allowed: list[str] | 
     return raw
 
 
-def _rows(path: Path, fields: tuple[str, str], encoding: str) -> Iterator[tuple[int, dict]]:
-    suffix = path.suffix.lower()
-    if suffix == ".parquet":
-        return _parquet_rows(path, fields)
-    if suffix in (".jsonl", ".json"):
-        return _jsonl_rows(path, _decode(path, encoding))
-    if suffix in (".csv", ".tsv"):
-        return _delimited_rows(path, _decode(path, encoding), "," if suffix == ".csv" else "\t", fields)
-    raise DataError(f"{path}: unknown file type {path.suffix!r}; expected .jsonl, .json, .csv, .tsv or .parquet")
+def few_shot_examples(data: ClassificationData, k: int, seed: int) -> list[Example]:
+    """k worked examples for the prompt, one per label in turn (label order shuffled by seed)."""
+    return [data.examples[i] for i in _few_shot_indices(data, k, seed)]
 
 
-def _decode(path: Path, encoding: str) -> str:
+def split_examples(data: ClassificationData, k: int, seed: int) -> tuple[list[Example], ClassificationData]:
+    """The few-shot examples and the data without them, so that no prompt shows
+    the model the very example it is asked to classify."""
+    picked = _few_shot_indices(data, k, seed)
+    taken = set(picked)
+    rest = [e for i, e in enumerate(data.examples) if i not in taken]
+    return [data.examples[i] for i in picked], ClassificationData(rest, list(data.labels), data.skipped)
+
+
+def _few_shot_indices(data: ClassificationData, k: int, seed: int) -> list[int]:
+    if not 0 <= k <= len(data.examples):
+        raise DataError(f"cannot pick {k} few-shot examples from {len(data.examples)}")
+    rng = np.random.default_rng(seed)
+    queues: dict[str, list[int]] = {label: [] for label in data.labels}
+    for i in rng.permutation(len(data.examples)).tolist():
+        queues[data.examples[i].label].append(i)
+    # Shuffled label order: with k < number of labels, a fixed order would always
+    # show the same first labels, and the last shot's label would bias the answer.
+    order = [data.labels[j] for j in rng.permutation(len(data.labels)).tolist()]
+    picked: list[int] = []
+    while len(picked) < k:
+        for label in order:
+            if queues[label] and len(picked) < k:
+                picked.append(queues[label].pop())
+    return picked
+
+
+def load_dataset_from_args(path: str, shots_path: str | None, recipe: str | None, text_field: str, label_field: str,
+                           labels: str | None, shots: int, seed: int, skip_unknown: bool = False,
+                           label_set: list[str] | None = None) -> tuple[ClassificationData, list[Example]]:
+    """Load `path`; draw `shots` worked examples from `shots_path` (the training file)."""
+    label_names = None
+    if recipe:
+        r = apply_recipe(recipe)
+        text_field, label_field, label_names = r.text_field, r.label_field, list(r.label_names) if r.label_names else None
+    allowed = label_set or parse_labels(labels) or label_names
+    on_unknown = "skip" if skip_unknown else "error"
+    data = load_examples(path, text_field, label_field, labels=allowed, label_names=label_names, on_unknown_label=on_unknown)
+    source = data if shots_path in (None, path) else load_examples(shots_path, text_field, label_field, labels=data.labels,
+                                                                    label_names=label_names, on_unknown_label=on_unknown)
+    if not shots:
+        return data, []
     try:
-        data = path.read_bytes()
-    except OSError as e:
-        raise DataError(f"{path}: cannot read: {e.strerror}") from None
-    try:
-        text = data.decode(encoding)
-    except UnicodeDecodeError as e:
-        lineno = data.count(b"\n", 0, e.start) + 1
-        line_start = data.rfind(b"\n", 0, e.start) + 1
-        raise DataError(
-            f"{path}:{lineno}: bytes {data[e.start:e.end]!r} are not valid "
-            f"{encoding} (byte offset {e.start} in the file, {e.start - line_start} in the line); "
-            "re-save the file as UTF-8 or pass its encoding"
-        ) from None
-    # Excel and Notepad write a byte-order mark, which would otherwise glue
-    # itself onto the first column name.
-    text = text.removeprefix("\ufeff")
-    if not text.strip():
-        raise DataError(f"{path}: file is empty")
-    return text
+        return data, few_shot_examples(source, shots, seed)
+    except DataError as e:  # too few examples for the shots: name the file they come from
+        raise DataError(f"{shots_path or path}: {e}") from None
 
 
-def _jsonl_rows(path: Path, text: str) -> Iterator[tuple[int, dict]]:
-    if text.lstrip().startswith("["):
-        raise DataError(f"{path}: this is one JSON array; expected JSON Lines (one object per line)")
-    # split("\n"), not splitlines(): JSON strings may hold raw U+2028 or \x85,
-    # which splitlines() would treat as line breaks.
-    for lineno, line in enumerate(text.split("\n"), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path}:{lineno}: malformed JSON: {e.msg} at column {e.colno}") from None
-        if not isinstance(row, dict):
-            raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
-        yield lineno, row
+BUNDLED_TRAIN = Path(__file__).resolve().parents[1] / "data" / "emotion_train.jsonl"
+BUNDLED_TEST = BUNDLED_TRAIN.with_name("emotion_test.jsonl")
 
 
-def _delimited_rows(path: Path, text: str, delimiter: str, fields: tuple[str, str]) -> Iterator[tuple[int, dict]]:
-    # strict: a stray quote fails loudly at its line instead of silently
-    # swallowing the rest of the file into one field (quoting as pandas writes it).
-    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter, strict=True)
-    start = 1
-    try:
-        header = [name.strip() for name in next(reader)]
-        for name in fields:
-            if name not in header:
-                raise DataError(f"{path}:1: no column {name!r}; the columns are {header}")
-        # A quoted field may span lines: a row starts one line after the last one ended.
-        start = reader.line_num + 1
-        for row in reader:
-            lineno, start = start, reader.line_num + 1
-            if not row:
-                continue
-            if len(row) != len(header):
-                raise DataError(
-                    f"{path}:{lineno}: {len(row)} fields but the header has {len(header)} "
-                    f"(an unquoted {delimiter!r} in a text?)"
-                )
-            yield lineno, dict(zip(header, row))
-    except csv.Error as e:
-        raise DataError(
-            f"{path}:{start}: bad quoting ({e}); a field that starts with a quote must end with one, "
-            "and quotes inside it are doubled"
-        ) from None
+def eval_subset(examples: list[Example], max_examples: int, seed: int) -> list[Example]:
+    """At most `max_examples` (0 = all): a seeded sample, not the file's head, so a small budget
+    still sees every class."""
+    if not max_examples or max_examples >= len(examples):
+        return examples
+    return random.Random(seed).sample(examples, max_examples)
 
 
-def _parquet_rows(path: Path, fields: tuple[str, str]) -> Iterator[tuple[int, dict]]:
-    try:
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-    except ImportError:
-        raise DataError(f"{path}: reading Parquet needs pyarrow, which is not installed: pip install pyarrow") from None
-    try:
-        columns = pq.read_schema(path).names
-        for name in fields:
-            if name not in columns:
-                raise DataError(f"{path}: no column {name!r}; the columns are {columns}")
-        table = pq.read_table(path, columns=list(dict.fromkeys(fields)))
-    except (pa.ArrowException, OSError) as e:
-        raise DataError(f"{path}: cannot read as Parquet: {e}") from None
-    if table.num_rows == 0:
-        raise DataError(f"{path}: file is empty")
-    yield from enumerate(table.to_pylist(), 1)
+@dataclass
+class RunData:
+    train: ClassificationData
+    labels: list[str]  # from the training file (or --labels / the recipe)
+    shots: list[Example]  # worked examples, drawn from the training file
+    eval_examples: list[Example]  # the seeded evaluation subset ([] without --eval-data)
 
 
-# ---------------------------------------------------------------------------
-# Batches and few-shot examples.
+def load_run_data(cfg, say=print) -> RunData:
+    """A run's data as `cfg.data` (a gtacore.config.DataArgs) names it; without --data, the bundled
+    emotion dataset (train and test split)."""
+    D, seed = cfg.data, cfg.run.seed
+    if D.data is None:
+        D.data, D.eval_data = str(BUNDLED_TRAIN), str(BUNDLED_TEST)
+        say(f"data: {D.data} (bundled; pass --data FILE for your own)")
+    train, shots = load_dataset_from_args(D.data, D.data, D.recipe, D.text_field, D.label_field, D.labels, D.shots, seed,
+                                          D.skip_unknown_labels)
+    eval_examples = []
+    if D.eval_data:
+        test, _ = load_dataset_from_args(D.eval_data, None, D.recipe, D.text_field, D.label_field, D.labels, 0, seed,
+                                         D.skip_unknown_labels, label_set=train.labels)
+        eval_examples = eval_subset(test.examples, D.max_eval_examples, seed)
+    return RunData(train, train.labels, shots, eval_examples)

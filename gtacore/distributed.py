@@ -55,43 +55,6 @@ def init_distributed(device: str | None = None, timeout_s: float = 600.0, need_g
     return DistInfo(rank, world, local, dev)
 
 
-def all_reduce_mean(values: torch.Tensor, info: DistInfo) -> torch.Tensor:
-    """Mean of a tensor over ranks (identity in one process)."""
-    if info.distributed:
-        values = values.clone()
-        dist.all_reduce(values)
-        values /= info.world_size
-    return values
-
-
-def global_row_counts_(batches: list, info: DistInfo) -> None:
-    """Make each packed batch's loss means global: its `row_counts` become the mean over
-    ranks of every rank's counts (global count / ranks; see kernels.gta_loss). Then each
-    rank's loss is its share of the global-batch mean, and the rank mean of the gradients,
-    which the data-parallel all-reduce takes, is the global batch's gradient. One small
-    all-reduce and one host sync per step, before the updates."""
-    if not info.distributed:
-        return
-    counts = torch.tensor([c for b in batches for c in b.row_counts], dtype=torch.float64, device=info.device)
-    counts = all_reduce_mean(counts, info).view(len(batches), -1).tolist()
-    for b, c in zip(batches, counts):
-        b.row_counts = type(b.row_counts)(*c)
-
-
-def all_reduce_grads_(grads: list[torch.Tensor | None], info: DistInfo) -> None:
-    """Average gradients over ranks in place, one collective for all of them."""
-    if not info.distributed:
-        return
-    present = [g for g in grads if g is not None]
-    flat = torch.cat([g.reshape(-1) for g in present])
-    dist.all_reduce(flat)
-    flat /= info.world_size
-    offset = 0
-    for g in present:
-        g.copy_(flat[offset : offset + g.numel()].view_as(g))
-        offset += g.numel()
-
-
 def shutdown(info: DistInfo) -> None:
     if dist.is_initialized():
         dist.destroy_process_group()
@@ -106,27 +69,6 @@ def assert_replicas_identical(params: list[torch.Tensor], info: DistInfo) -> Non
     dist.all_gather(gathered, fingerprint)
     if any(not torch.equal(gathered[0], g) for g in gathered[1:]):
         raise RuntimeError("data-parallel ranks hold different parameters")
-
-
-def grad_norm_and_health(grads: list[torch.Tensor], losses: list[torch.Tensor], info: DistInfo,
-                         sharded: bool) -> tuple[torch.Tensor, bool]:
-    """(global L2 norm of the gradients, True if it and every rank's losses are finite).
-
-    `grads` are this rank's tensors: whole synchronized gradients (DDP) or shards
-    (FSDP). One small all-reduce carries [squared norm, non-finite count]: summed
-    over ranks for shards, max for replicated gradients (every rank has the same
-    norm, so max keeps it bit for bit). The boolean is the one host sync.
-    """
-    sq = torch.zeros((), dtype=torch.float32, device=info.device)
-    if grads:
-        sq = torch.stack([n.float() for n in torch._foreach_norm(grads)]).square().sum()
-    # Counts of non-finite values travel as a separate entry: MAX may drop a NaN.
-    bad = (~torch.isfinite(sq)).float() + sum(((~torch.isfinite(x.detach())).sum().float() for x in losses), sq.new_zeros(()))
-    packed = torch.stack([sq, bad])
-    if info.distributed:
-        dist.all_reduce(packed, op=dist.ReduceOp.SUM if sharded else dist.ReduceOp.MAX)
-    norm = packed[0].sqrt()
-    return norm, bool(torch.isfinite(norm) & (packed[1] == 0))
 
 
 def all_finite(tensors: list[torch.Tensor], info: DistInfo) -> bool:

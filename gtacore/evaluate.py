@@ -18,12 +18,10 @@ and every rank scores the same list: the report does not depend on the rank coun
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
-import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import get_args, get_type_hints
+from typing import get_type_hints
 
 import torch
 import torch.distributed as dist
@@ -32,14 +30,13 @@ import models
 from models.generate import SamplingParams, generate
 from models.tokenizer import Tokenizer
 
-from .config import Config
-from .data import Example
+from .config import Config, add_config_flags, apply_flags, bound_problems
+from .data import Example, eval_subset, load_dataset_from_args, load_run_data
 from .distributed import DistInfo, init_distributed, shutdown
-from .loading import load_dataset_from_args
 from .metrics import classification_report, format_table, guess_answer_changes
 from .progress import Progress
-from .prompts import parse_completion
-from .rollout import make_prompts
+from .completions import parse_completion
+from .prompts import make_prompts
 
 
 @dataclass
@@ -52,14 +49,6 @@ class Prediction:
     format_ok: bool
     truncated: bool  # its prompt was cut to fit max_prompt_tokens
     completion: str  # decoded without special tokens
-
-
-def eval_subset(examples: list[Example], max_examples: int, seed: int) -> list[Example]:
-    """At most `max_examples` (0 = all): a seeded sample, not the file's head, so a
-    small budget still sees every class. train.py and the command both pick it here."""
-    if max_examples and max_examples < len(examples):
-        return random.Random(seed).sample(examples, max_examples)
-    return examples
 
 
 def rank_batches(n: int, batch_size: int, rank: int = 0, world_size: int = 1) -> list[range]:
@@ -137,99 +126,66 @@ def evaluate(model, tok: Tokenizer, data: list[Example], labels: list[str], mode
 
 # --- the command ---
 
-# Flags that set a training-config field: (section, field, flag, help when it differs from the field's).
-CONFIG_FLAGS = [
-    ("data", "eval_data", "--data", "evaluation file (.jsonl, .csv, .tsv, .parquet)"),
-    ("data", "data", "--train-data",
-     "the training file: the label set and the worked examples come from it (needed with --shots > 0)"),
-    ("data", "recipe", "--recipe", None),
-    ("data", "text_field", "--text-field", None),
-    ("data", "label_field", "--label-field", None),
-    ("data", "labels", "--labels", None),
-    ("data", "skip_unknown_labels", "--skip-unknown-labels", None),
-    ("data", "shots", "--shots", None),
-    ("data", "system_prompt", "--system-prompt", None),
-    ("data", "template_system_prompt", "--template-system-prompt", None),
-    ("data", "max_eval_examples", "--max-examples",
-     "evaluate on at most this many examples, a seeded sample (0 = all; the default without --run)"),
-    ("loss", "mode", "--mode", "the output format to ask for and parse"),
-    ("rollout", "max_new_tokens", "--max-new-tokens", None),
-    ("rollout", "max_prompt_tokens", "--max-prompt-tokens", None),
-    ("rollout", "long_prompts", "--long-prompts", None),
-    ("run", "eval_batch_size", "--batch-size", None),
-    ("run", "seed", "--seed", "seed for the worked examples and the --max-examples sample"),
-    ("model", "dtype", "--dtype", "load the weights in this dtype (float32 | bfloat16); default: the checkpoint's"),
-    ("run", "device", "--device", None),
-]
-
-
-def _field(cls, name: str) -> dataclasses.Field:
-    return next(f for f in dataclasses.fields(cls) if f.name == name)
+# The training config's fields this command takes: {(section, field): (flag, help or None for the field's)}.
+FIELDS = {
+    ("data", "eval_data"): ("--data", "evaluation file (.jsonl, .csv, .tsv, .parquet)"),
+    ("data", "data"): ("--train-data", "the training file: the label set and the worked examples come from it"),
+    **{("data", n): ("--" + n.replace("_", "-"), None) for n in ("recipe", "text_field", "label_field", "labels",
+                                                                 "skip_unknown_labels", "shots", "system_prompt",
+                                                                 "template_system_prompt")},
+    ("data", "max_eval_examples"): ("--max-examples", "evaluate on at most this many examples, a seeded sample (0 = all)"),
+    ("loss", "mode"): ("--mode", "the output format to ask for and parse"),
+    **{("rollout", n): ("--" + n.replace("_", "-"), None) for n in ("max_new_tokens", "max_prompt_tokens", "long_prompts")},
+    ("run", "eval_batch_size"): ("--batch-size", None),
+    ("run", "seed"): ("--seed", "seed for the worked examples and the --max-examples sample"),
+    ("model", "dtype"): ("--dtype", None),
+    ("run", "device"): ("--device", None),
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The command line; a config flag lands in the namespace as "section.field" only when given."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     # --run-dir for torchrun, whose own parser takes "--run" for an abbreviation of its --run-path.
     ap.add_argument("--run", "--run-dir", metavar="RUN_DIR",
                     help="a train.py output folder: its config.json gives every setting below that is not given")
     ap.add_argument("--model", help="checkpoint folder (HF layout); with --run, default RUN/final")
     ap.add_argument("--output", help="write the metrics as JSON here")
-    sections = get_type_hints(Config)  # section name -> its dataclass
-    for section, name, flag, help in CONFIG_FLAGS:
-        cls = sections[section]
-        field = _field(cls, name)
-        tp = get_type_hints(cls)[name]
-        tp = next((a for a in get_args(tp) if a is not type(None)), tp)  # `int | None` -> int
-        kw = dict(dest=f"{section}.{name}", default=argparse.SUPPRESS, help=help or field.metadata["help"])
-        if tp is bool:
-            ap.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
-        else:
-            choices = field.metadata["choices"]
-            metavar = None if choices else flag[2:].upper().replace("-", "_")  # not "DATA.EVAL_DATA"
-            ap.add_argument(flag, type=tp, choices=choices, metavar=metavar, **kw)
+    add_config_flags(ap, FIELDS)
     return ap
 
 
 def config_from_args(args: argparse.Namespace) -> Config:
     """The run's config (or the defaults, evaluating all examples), with the given flags on top."""
     if args.run:
+        if not (Path(args.run) / "config.json").is_file():
+            raise SystemExit(f"--run {args.run}: no config.json (a train.py output folder has one)")
         saved = json.loads((Path(args.run) / "config.json").read_text())
         sections = get_type_hints(Config)  # section name -> its dataclass
         cfg = Config(**{name: sections[name](**values) for name, values in saved.items()})
     else:
         cfg = Config()
         cfg.data.max_eval_examples = 0
-    for key, value in vars(args).items():
-        if "." in key:
-            section, name = key.split(".")
-            setattr(getattr(cfg, section), name, value)
-    return cfg
+    return apply_flags(cfg, vars(args))
 
 
 def load_eval_set(cfg: Config) -> tuple[list[Example], list[str], list[Example]]:
-    """(examples, labels, worked examples) as train.py evaluates them: the label set and the
-    worked examples from the training file (when given), the evaluation file read against
-    that label set, and its seeded subset."""
-    D, seed = cfg.data, cfg.run.seed
-    labels, shots = None, []
+    """(examples, labels, worked examples) as train.py evaluates them (data.load_run_data); with
+    no training file, the labels come from the evaluation file and there are no worked examples."""
+    D = cfg.data
     if D.data:
-        train, shots = load_dataset_from_args(D.data, D.data, D.recipe, D.text_field, D.label_field, D.labels, D.shots,
-                                              seed, D.skip_unknown_labels)
-        labels = train.labels
-    test, _ = load_dataset_from_args(D.eval_data, None, D.recipe, D.text_field, D.label_field, D.labels, 0, seed,
-                                     D.skip_unknown_labels, label_set=labels)
-    return eval_subset(test.examples, D.max_eval_examples, seed), test.labels, shots
+        data = load_run_data(cfg)
+        return data.eval_examples, data.labels, data.shots
+    test, _ = load_dataset_from_args(D.eval_data, None, D.recipe, D.text_field, D.label_field, D.labels, 0, cfg.run.seed,
+                                     D.skip_unknown_labels)
+    return eval_subset(test.examples, D.max_eval_examples, cfg.run.seed), test.labels, []
 
 
 def main(argv=None) -> None:
     ap = build_parser()
     args = ap.parse_args(argv)
     cfg = config_from_args(args)
-    for section, name, flag, _ in CONFIG_FLAGS:  # the bounds the config fields declare
-        value, meta = getattr(getattr(cfg, section), name), _field(type(getattr(cfg, section)), name).metadata
-        if meta.get("low") is not None and value is not None and (value < meta["low"] or meta["above"] and value == meta["low"]):
-            ap.error(f"{flag} must be {'>' if meta['above'] else '>='} {meta['low']}, got {value}")
+    for problem in bound_problems(cfg, FIELDS):
+        ap.error(problem)
     D = cfg.data
     if not D.eval_data:
         ap.error("pass --data FILE (the evaluation file), or --run RUN_DIR of a run that had evaluation data")

@@ -41,7 +41,8 @@ from dataclasses import dataclass
 from models import parse_dtype
 from models.config import ModelConfig
 
-from .rollout import make_prompts, sft_targets
+from .config import add_config_flags, apply_flags, gpu_config
+from .prompts import make_prompts, sft_targets
 
 GB = 1e9
 
@@ -160,27 +161,28 @@ def format_estimate(est: dict[str, float], header: str) -> str:
 
 
 def main(argv=None) -> None:
-    """Plan a run before starting it: `python -m gtacore.memory --config CKPT/config.json --world 8 --shard fsdp`."""
+    """Plan a run before starting it: `python -m gtacore.memory --config CKPT/config.json --world 8 --shard fsdp`.
+    The run's flags take train.py's GPU defaults."""
     ap = argparse.ArgumentParser(description=main.__doc__)
     ap.add_argument("--config", required=True, help="a checkpoint's config.json (no weights are read)")
     ap.add_argument("--world", type=int, default=1, help="ranks (GPUs)")
-    ap.add_argument("--shard", choices=("ddp", "fsdp"), default="ddp")
-    ap.add_argument("--mode", choices=("gta", "grpo", "sft"), default="gta")
-    ap.add_argument("--batch-size", type=int, default=8, help="prompts per rank")
-    ap.add_argument("--group-size", type=int, default=16)
     ap.add_argument("--prompt-tokens", type=int, default=400, help="the longest prompt")
-    ap.add_argument("--max-new-tokens", type=int, default=64)
     ap.add_argument("--sft-tokens", type=int, default=8)
-    ap.add_argument("--beta", type=float, default=0.01)
     ap.add_argument("--param-bytes", type=int, default=4, help="4: fp32 weights (bf16 compute), 2: bf16 weights")
-    ap.add_argument("--activation-checkpointing", action="store_true")
+    add_config_flags(ap, {k: ("--" + k[1].replace("_", "-"), None) for k in FIELDS})
     args = ap.parse_args(argv)
+    cfg = apply_flags(gpu_config(), vars(args))
+    L, R = cfg.loss, cfg.rollout
     mc = ModelConfig.from_file(args.config)
-    shape = StepShape(args.batch_size, args.group_size, args.prompt_tokens, args.max_new_tokens, args.sft_tokens,
-                      args.mode, args.beta > 0)
-    est = estimate_memory(mc, shape, world=args.world, sharded=args.shard == "fsdp", param_bytes=args.param_bytes,
-                          compute_bytes=2, autocast=True, checkpointed=args.activation_checkpointing)
-    print(format_estimate(est, f"{args.config}: {parameter_count(mc)[0] / 1e9:.2f}B parameters, {args.shard} on {args.world} GPU(s)"))
+    shape = StepShape(R.batch_size, R.group_size, args.prompt_tokens, R.max_new_tokens, args.sft_tokens, L.mode, L.beta > 0)
+    est = estimate_memory(mc, shape, world=args.world, sharded=cfg.run.shard == "fsdp", param_bytes=args.param_bytes,
+                          compute_bytes=2, autocast=True, checkpointed=cfg.run.activation_checkpointing)
+    print(format_estimate(est, f"{args.config}: {parameter_count(mc)[0] / 1e9:.2f}B parameters, {cfg.run.shard} on {args.world} GPU(s)"))
+
+
+# The training config's fields that shape the estimate.
+FIELDS = [("run", "shard"), ("loss", "mode"), ("rollout", "batch_size"), ("rollout", "group_size"),
+          ("rollout", "max_new_tokens"), ("loss", "beta"), ("run", "activation_checkpointing")]
 
 
 if __name__ == "__main__":

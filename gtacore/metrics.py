@@ -14,6 +14,15 @@ its support (scikit-learn's average="weighted").
 
 from __future__ import annotations
 
+import math
+import resource
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
 INVALID = "invalid"  # name of the confusion-matrix column for unparseable predictions
 
 
@@ -119,3 +128,96 @@ def format_table(report: dict) -> str:
     for label, row in zip(labels, matrix):
         lines.append(f"{label:<{width}}  " + "  ".join(f"{v:>{w}}" for v, w in zip(row, widths)))
     return "\n".join(lines)
+
+
+def peak_memory_gb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 1e9
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # KiB on Linux
+
+
+class Stopwatch:
+    """Seconds per stage: `with clock("rollout"): ...` adds the block's time to clock.seconds["rollout"].
+
+    On a GPU the time is the host's (kernels may still run): a stage that syncs absorbs it."""
+
+    def __init__(self, *stages: str):
+        self.seconds = dict.fromkeys(stages, 0.0)
+
+    @contextmanager
+    def __call__(self, stage: str):
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[stage] = self.seconds.get(stage, 0.0) + time.perf_counter() - t0
+
+
+class StepMetrics:
+    """A training step's scalars, kept on the device until `reduce`: the step's one metrics sync.
+
+    Token averages are kept as (sum, count), so a rank whose rollouts left no RL token adds
+    nothing to them; the rest are rank means (losses are global-batch means already).
+    """
+
+    def __init__(self):
+        self.values: dict = {}
+
+    def add(self, **values) -> None:
+        self.values.update(values)
+
+    def rollout(self, rewards: torch.Tensor, parsed: list, golds: list[str], num_tokens: int, seconds: float, mode: str) -> None:
+        n = len(golds)
+        self.add(reward_mean=rewards.mean(), reward_std=rewards.std() if n > 1 else torch.tensor(0.0),
+                 format_rate=sum(p.format_ok for p in parsed) / n,
+                 train_accuracy=sum(p.answer == y for p, y in zip(parsed, golds)) / n,
+                 completion_length=num_tokens / n, rollout_tokens_per_s=num_tokens / max(seconds, 1e-9))
+        if mode == "gta":
+            self.add(guess_accuracy=sum(p.guess == y for p, y in zip(parsed, golds)) / n)
+
+    def losses(self, sft, rl) -> None:
+        """From the SFT and RL branches' FusedGTALoss (None where the mode has none)."""
+        if sft is not None:
+            self.add(sft_loss=sft.sft_loss)
+        if rl is not None:
+            s, n = rl.stats, torch.tensor(float(rl.stats["kl"].numel()))
+            self.add(rl_loss=rl.rl_loss, kl=(s["kl"].sum(), n), clip_fraction=(s["clipped"].float().sum(), n),
+                     entropy=(s["entropy"].sum(), n))
+
+    def constraint(self, stats) -> None:
+        self.add(grad_cosine=stats.cosine, conflict_fraction=stats.conflict_fraction_params,
+                 conflict_fraction_elements=stats.conflict_fraction_elements)
+
+    def reduce(self, info) -> dict:
+        """Means over ranks, as plain floats (None where not finite: JSON has no NaN), plus peak memory."""
+        names = sorted(self.values)
+        pairs = [self.values[k] if isinstance(self.values[k], tuple) else (self.values[k], 1.0) for k in names]
+        flat = [torch.as_tensor(x, dtype=torch.float64, device=info.device).reshape(()) for pair in pairs for x in pair]
+        values = torch.stack(flat)
+        if info.distributed:
+            dist.all_reduce(values)
+            values /= info.world_size
+        sums, counts = values.view(-1, 2).unbind(1)  # [len(names)] each
+        out = {k: v / c if c > 0 and math.isfinite(v / c) else None for k, v, c in zip(names, sums.tolist(), counts.tolist())}
+        return out | {"peak_memory_gb": peak_memory_gb(info.device)}
+
+
+def print_summary(before: dict | None, after: dict | None, out_dir: Path, title: str, estimated_peak: float,
+                  device: torch.device) -> None:
+    """The end of a run on screen: the evaluation table, before vs after, the curves, memory."""
+    if after is not None:
+        print("\n" + format_table(after))
+        if before is not None:
+            print(f"\n{'metric':<16}{'before':>10}{'after':>10}")
+            for k in ("accuracy", "weighted_f1", "format_rate", "guess_accuracy"):
+                if k in after:
+                    print(f"{k:<16}{before.get(k, float('nan')):>10.3f}{after[k]:>10.3f}")
+    try:
+        from .plot import plot_runs
+
+        print(f"curves: {plot_runs([out_dir], out_dir / 'curves.png', title=title)}")
+    except SystemExit as e:  # matplotlib is optional
+        print(f"no plot: {e}")
+    print(f"peak memory: {peak_memory_gb(device):.3f} GB measured "
+          f"({'allocated by torch' if device.type == 'cuda' else 'process RSS'}), {estimated_peak / 1e9:.3f} GB estimated")
+    print(f"outputs in {out_dir}")

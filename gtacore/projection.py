@@ -61,6 +61,9 @@ from typing import Literal, NamedTuple, Sequence
 
 import torch
 import torch.distributed as dist
+from torch.distributed.tensor import DTensor
+
+from .parallel import as_param_shard, local
 
 Mode = Literal["none", "gate", "project"]
 Granularity = Literal["per_param", "global"]
@@ -238,20 +241,20 @@ def apply_gradient_constraint(
     rl_grads: Grads,
     mode: Mode = "project",
     granularity: Granularity = "per_param",
-    *,
-    shard_reduce: bool = False,
-    process_group: dist.ProcessGroup | None = None,
 ) -> ConstraintStats:
     """Constrain and set each `param.grad` to its combined gradient (None where neither loss reached it).
 
-    rl_grads are overwritten in place (see `constrain_gradients`); passing the
-    params' own `.grad` tensors as rl_grads costs no copy.
+    The one entry point, sharded or not: FSDP's gradients (DTensors) are constrained on their
+    local shards with one all-reduce of the statistics (`shard_reduce`), so every rank decides
+    alike. rl_grads are overwritten in place (see `constrain_gradients`); passing the params'
+    own `.grad` tensors as rl_grads costs no copy.
     """
     if len(params) != len(rl_grads):
         raise ValueError(f"{len(params)} parameters but {len(rl_grads)} gradients")
-    combined, stats = constrain_gradients(
-        sft_grads, rl_grads, mode, granularity, shard_reduce=shard_reduce, process_group=process_group
-    )
-    for p, g in zip(params, combined):
-        p.grad = g
+    sharded = any(isinstance(g, DTensor) for g in (*sft_grads, *rl_grads))
+    rl_local = [local(g) for g in rl_grads]
+    combined, stats = constrain_gradients([local(g) for g in sft_grads], rl_local, mode, granularity, shard_reduce=sharded)
+    for p, g, r, r_local in zip(params, combined, rl_grads, rl_local):
+        # Where an RL gradient exists it was overwritten in place (a DTensor's local view included).
+        p.grad = None if g is None else r if g is r_local else as_param_shard(p, g)
     return stats

@@ -31,7 +31,7 @@ from typing import NamedTuple
 
 import torch
 
-from kernels.gta_loss import IGNORE, RowCounts, gta_loss_reference, gta_row_losses, gta_row_weights
+from kernels.gta_loss import IGNORE, LossSettings, RowCounts, gta_loss_reference, gta_row_losses, gta_row_weights
 from kernels.selective_logprobs import (
     _new_output,
     _rows_backward,
@@ -56,13 +56,13 @@ def fused_linear_logprobs_reference(hidden, weight, targets, temperature=1.0, ma
     return selective_logprobs_reference(hidden @ weight.T, targets, temperature, mask).logprobs
 
 
-def fused_linear_gta_loss_reference(hidden, weight, targets, row_kind, old_logprobs, advantages,
-                                   ref_logprobs=None, *, lambda_sft=1.0, lambda_rl=1.0, **kwargs) -> FusedGTALoss:
-    """Plain matmul then `gta_loss_reference`; materialises [N, V]."""
+def fused_linear_gta_loss_reference(hidden, weight, targets, row_kind, old_logprobs, advantages, ref_logprobs=None,
+                                    settings: LossSettings = LossSettings(), **rows) -> FusedGTALoss:
+    """Plain matmul then `gta_loss_reference`; materialises [N, V]. `rows`: seq_ids, row_counts."""
     sft_loss, rl_loss, stats = gta_loss_reference(
-        hidden @ weight.T, targets, row_kind, old_logprobs, advantages, ref_logprobs, **kwargs
+        hidden @ weight.T, targets, row_kind, old_logprobs, advantages, ref_logprobs, settings, **rows
     )
-    loss = lambda_sft * sft_loss + lambda_rl * rl_loss
+    loss = settings.lambda_sft * sft_loss + settings.lambda_rl * rl_loss
     return FusedGTALoss(loss, sft_loss.detach(), rl_loss.detach(), stats)
 
 
@@ -219,39 +219,31 @@ def fused_linear_gta_loss(
     old_logprobs: torch.Tensor,
     advantages: torch.Tensor,
     ref_logprobs: torch.Tensor | None = None,
+    settings: LossSettings = LossSettings(),
     *,
-    lambda_sft: float = 1.0,
-    lambda_rl: float = 1.0,
-    eps_low: float = 0.2,
-    eps_high: float = 0.2,
-    beta: float = 0.0,
-    temperature: float = 1.0,
-    agg: str = "token_mean",
     seq_ids: torch.Tensor | None = None,
-    loss_normalizer: float | None = None,
     row_counts: RowCounts | None = None,
     chunk_size: int | None = None,
     fp32_grad_weight: bool = True,
 ) -> FusedGTALoss:
     """lambda_sft * L_SFT + lambda_rl * L_RL from hidden [N, D] and weight [V, D], no [N, V].
 
-    Per-row inputs and scalars as `kernels.gta_loss`. Returns FusedGTALoss(loss, sft_loss, rl_loss,
+    Per-row inputs and settings as `kernels.gta_loss`. Returns FusedGTALoss(loss, sft_loss, rl_loss,
     stats): only `loss` is differentiable (to hidden and weight); the gradient is computed in the
     forward pass, so a backward through `loss` is cheap. To keep g_sft and g_rl apart, call this
-    twice (e.g. lambda_rl=0 on the SFT rows, lambda_sft=0 on the rollouts).
+    once per kind of rows.
     """
-    kwargs = dict(eps_low=eps_low, eps_high=eps_high, beta=beta, temperature=temperature, agg=agg,
-                  seq_ids=seq_ids, loss_normalizer=loss_normalizer, row_counts=row_counts)
     _check_shapes(hidden, weight, targets)
     if not triton_runs_on(hidden):
         return fused_linear_gta_loss_reference(hidden, weight, targets, row_kind, old_logprobs, advantages,
-                                               ref_logprobs, lambda_sft=lambda_sft, lambda_rl=lambda_rl, **kwargs)
-    if beta != 0.0 and ref_logprobs is None:
+                                               ref_logprobs, settings, seq_ids=seq_ids, row_counts=row_counts)
+    s = settings
+    if s.beta != 0.0 and ref_logprobs is None:
         raise ValueError("beta != 0 needs ref_logprobs")
     N, D = hidden.shape
     chunk_size = chunk_size or default_chunk_size(N, weight.shape[0], D)
-    sft_weight, rl_weight = gta_row_weights(row_kind, agg, seq_ids, loss_normalizer, row_counts)
-    scalars = (eps_low, eps_high, beta, float(temperature), lambda_sft, lambda_rl)
+    sft_weight, rl_weight = gta_row_weights(row_kind, s.agg, seq_ids, s.loss_normalizer, row_counts)
+    scalars = (s.eps_low, s.eps_high, s.beta, float(s.temperature), s.lambda_sft, s.lambda_rl)
     loss, sft_loss, rl_loss, *stats = _FusedLinearGTALoss.apply(
         hidden, weight, targets.contiguous(), row_kind, old_logprobs, advantages, ref_logprobs,
         sft_weight, rl_weight, scalars, chunk_size, fp32_grad_weight, torch.is_grad_enabled(),

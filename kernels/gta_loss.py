@@ -27,6 +27,7 @@ is read twice and written once; ignored rows get a zero gradient written and are
 This module has no kernels of its own.
 """
 
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
@@ -35,6 +36,21 @@ from kernels.selective_logprobs import LogProbs, selective_logprobs, selective_l
 
 IGNORE, SFT, RL = 0, 1, 2  # row_kind codes
 AGGREGATIONS = ("token_mean", "seq_mean", "constant")
+
+
+@dataclass(frozen=True)
+class LossSettings:
+    """The loss's hyper-parameters, in one piece from the command line (gtacore.config.LossArgs)
+    to the kernels."""
+
+    lambda_sft: float = 1.0  # fused loss only: weight of L_SFT in the differentiable total
+    lambda_rl: float = 1.0  # fused loss only: weight of L_RL
+    eps_low: float = 0.2  # ratio >= 1 - eps_low
+    eps_high: float = 0.2  # ratio <= 1 + eps_high
+    beta: float = 0.0  # k3 KL weight; needs ref_logprobs when nonzero
+    temperature: float = 1.0  # logp = log softmax(logits / T)
+    agg: str = "token_mean"  # RL aggregation: token_mean, seq_mean or constant
+    loss_normalizer: float | None = None  # the denominator of agg="constant"
 
 
 class RowCounts(NamedTuple):
@@ -149,12 +165,12 @@ def gta_row_losses(
     return sft_loss, rl_loss, token
 
 
-def _gta_loss_from_logprobs(lp: LogProbs, row_kind, old_logprobs, advantages, ref_logprobs,
-                            eps_low, eps_high, beta, agg, seq_ids, loss_normalizer, row_counts) -> GTALoss:
-    sft_weight, rl_weight = gta_row_weights(row_kind, agg, seq_ids, loss_normalizer, row_counts)
+def _gta_loss_from_logprobs(lp: LogProbs, row_kind, old_logprobs, advantages, ref_logprobs, s: LossSettings,
+                            seq_ids, row_counts) -> GTALoss:
+    sft_weight, rl_weight = gta_row_weights(row_kind, s.agg, seq_ids, s.loss_normalizer, row_counts)
     sft_loss, rl_loss, token = gta_row_losses(
         lp.logprobs, row_kind, old_logprobs, advantages, ref_logprobs,
-        sft_weight, rl_weight, eps_low, eps_high, beta,
+        sft_weight, rl_weight, s.eps_low, s.eps_high, s.beta,
     )
     stats = {
         "ratio": token.ratio.detach(),
@@ -166,15 +182,11 @@ def _gta_loss_from_logprobs(lp: LogProbs, row_kind, old_logprobs, advantages, re
     return GTALoss(sft_loss, rl_loss, stats)
 
 
-def gta_loss_reference(
-    logits, targets, row_kind, old_logprobs, advantages, ref_logprobs=None, *,
-    eps_low=0.2, eps_high=0.2, beta=0.0, temperature=1.0, agg="token_mean", seq_ids=None,
-    loss_normalizer=None, row_counts=None,
-) -> GTALoss:
+def gta_loss_reference(logits, targets, row_kind, old_logprobs, advantages, ref_logprobs=None,
+                       settings: LossSettings = LossSettings(), *, seq_ids=None, row_counts=None) -> GTALoss:
     """Plain PyTorch over the full logits (fp32 log_softmax, fp64 for fp64 logits)."""
-    lp = selective_logprobs_reference(logits, targets, temperature, row_kind != IGNORE, with_entropy=True)
-    return _gta_loss_from_logprobs(lp, row_kind, old_logprobs, advantages, ref_logprobs,
-                                   eps_low, eps_high, beta, agg, seq_ids, loss_normalizer, row_counts)
+    lp = selective_logprobs_reference(logits, targets, settings.temperature, row_kind != IGNORE, with_entropy=True)
+    return _gta_loss_from_logprobs(lp, row_kind, old_logprobs, advantages, ref_logprobs, settings, seq_ids, row_counts)
 
 
 def gta_loss(
@@ -184,14 +196,9 @@ def gta_loss(
     old_logprobs: torch.Tensor,
     advantages: torch.Tensor,
     ref_logprobs: torch.Tensor | None = None,
+    settings: LossSettings = LossSettings(),
     *,
-    eps_low: float = 0.2,
-    eps_high: float = 0.2,
-    beta: float = 0.0,
-    temperature: float = 1.0,
-    agg: str = "token_mean",
     seq_ids: torch.Tensor | None = None,
-    loss_normalizer: float | None = None,
     row_counts: RowCounts | None = None,
 ) -> GTALoss:
     """SFT and RL losses of a batch of rows, each differentiable on its own.
@@ -199,10 +206,9 @@ def gta_loss(
     logits [N, V] (any float dtype, rows may be strided), targets [N] long, row_kind [N] int
     (0 ignore, 1 SFT, 2 RL), old_logprobs / advantages / ref_logprobs [N] (read on RL rows only;
     ref_logprobs may be None when beta == 0), seq_ids [N] long for agg="seq_mean" (in [0, N)),
-    loss_normalizer for agg="constant", row_counts for means over a global batch. Returns GTALoss(sft_loss, rl_loss, stats) where stats
-    holds detached [N] tensors: ratio (1 off RL rows), clipped (bool), kl (0 off RL rows or
-    without ref), entropy and logprobs (0 on ignored rows).
+    row_counts for means over a global batch. Returns GTALoss(sft_loss, rl_loss, stats) where
+    stats holds detached [N] tensors: ratio (1 off RL rows), clipped (bool), kl (0 off RL rows
+    or without ref), entropy and logprobs (0 on ignored rows). The lambdas are not applied.
     """
-    lp = selective_logprobs(logits, targets, temperature, row_kind != IGNORE, with_entropy=True)
-    return _gta_loss_from_logprobs(lp, row_kind, old_logprobs, advantages, ref_logprobs,
-                                   eps_low, eps_high, beta, agg, seq_ids, loss_normalizer, row_counts)
+    lp = selective_logprobs(logits, targets, settings.temperature, row_kind != IGNORE, with_entropy=True)
+    return _gta_loss_from_logprobs(lp, row_kind, old_logprobs, advantages, ref_logprobs, settings, seq_ids, row_counts)

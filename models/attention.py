@@ -1,6 +1,6 @@
 """Attention backends: flash-attn when importable, PyTorch SDPA otherwise.
 
-Three ways a batch reaches attention, described by `AttnSpec`:
+Four ways a batch reaches attention, described by `AttnSpec`:
 
 - causal: [B, T] sequences, right-padded or unpadded. Pads sit after every real
   token, so a causal mask alone keeps them out of real tokens' attention.
@@ -10,7 +10,7 @@ Three ways a batch reaches attention, described by `AttnSpec`:
   prompts ran earlier and their keys/values arrive as `prefix_k/v` [1, Hkv, Np, Dh];
   the continuations of group g (packed in one row) attend to prompt g's keys and
   to their own earlier tokens, never to other continuations. One SDPA call per
-  group with an explicit mask [nq, np + nq]; see gtacore/prefix.py.
+  group with an explicit mask [nq, np + nq]; see gtacore/packing.py.
 - varlen: several sequences packed into one row [1, N] with cumulative lengths
   `cu_seqlens` [S+1]. flash-attn runs this without touching padding. The SDPA
   fallback runs each sequence as its own causal call (a Python loop over
@@ -38,7 +38,7 @@ except ImportError:  # pragma: no cover - depends on the machine
 
 @dataclass
 class AttnSpec:
-    kind: str = "causal"  # "causal" | "mask" | "varlen"
+    kind: str = "causal"  # "causal" | "mask" | "prefix" | "varlen"
     mask: torch.Tensor | None = None  # [B, 1, Tq, Tk] bool, for kind "mask"
     cu_seqlens: torch.Tensor | None = None  # [S+1] int32, for kind "varlen"
     max_seqlen: int = 0

@@ -1,18 +1,18 @@
 """Batched sampling with a static KV cache: the rollout workhorse.
 
-    prefill:  B prompts, left-padded to P tokens, run once -> cache rows [B]
-    expand:   each prompt's cache row is copied to its G sample rows -> [B*G]
-    decode:   one token per step for every row, writing k/v at slot P+s
+    prefill:           B prompts, left-padded to P tokens, run once -> cache rows [B], logits [B, V]
+    expand:            each prompt's cache row is copied to its G sample rows -> [N = B*G]
+    decode_one_token:  one token for every row, its k/v written at slot P+s -> logits [N, V]
+    generate:          the loop: sample, record, decode; now and then, check for the end
 
-The cache is allocated once for P + max_new_tokens slots. Each decode step
-allocates no new cache memory and makes no host-device sync; whether every row
-has finished is checked only every `check_every` steps (and stop strings, which
-need the text, are checked then too).
+The cache holds P + Tn slots, allocated before the loop (B rows, then their N copies);
+a decode step allocates no cache memory and makes no host-device sync. Whether every
+row has finished (and stop strings, which need the text) is checked every `check_every` steps.
 
-Each sampled token's log-probability is returned under the temperature-scaled
-distribution log_softmax(logits / T), before any top-k/top-p truncation: that is
-exactly what the training forward computes for the same token, so the first
-policy-gradient iteration sees importance ratios of exactly 1.
+With `with_logprobs`, each sampled token's log-prob is returned under softmax(logits / T),
+before any top-k/top-p truncation: exactly what the training forward computes, so the
+first policy-gradient iteration sees importance ratios of exactly 1. It is computed as
+logits[tok] / T - logsumexp(logits / T) = log_softmax(logits / T)[tok], never writing [N, V].
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ class SamplingParams:
 class Generation:
     tokens: torch.Tensor  # [B*G, Tn] long; pad after a row stops
     mask: torch.Tensor  # [B*G, Tn] bool; True for generated tokens, EOS included
-    logprobs: torch.Tensor  # [B*G, Tn] float32; 0 where mask is False
+    logprobs: torch.Tensor | None  # [B*G, Tn] float32, 0 where mask is False; None without with_logprobs
     prompt_index: torch.Tensor  # [B*G] long; row r belongs to prompt r // G
     finished: torch.Tensor  # [B*G] bool; stopped by EOS or a stop string
 
@@ -82,6 +82,33 @@ def left_pad(prompts: Sequence[Sequence[int]], pad_id: int, device) -> tuple[tor
     return ids.to(device), valid.to(device)
 
 
+def prefill(model: Decoder, ids: torch.Tensor, valid: torch.Tensor, cache: KVCache) -> torch.Tensor:
+    """Left-padded prompts ids [B, P] (valid [B, P] bool) -> k/v in cache slots 0..P-1 and
+    the last position's logits [B, V] float32. Positions count real tokens only; pad
+    queries attend to themselves only, which keeps their softmax finite unseen.
+    """
+    P = ids.shape[1]
+    cache.slots = torch.arange(P, device=ids.device)
+    cache.kv_len = P
+    positions = (valid.long().cumsum(-1) - 1).clamp(min=0)  # [B, P]
+    causal = torch.ones(P, P, dtype=torch.bool, device=ids.device).tril()
+    mask = causal & (valid[:, None, :] | torch.eye(P, dtype=torch.bool, device=ids.device))  # [B, P, P]
+    hidden = model.hidden_states(ids, positions, AttnSpec("mask", mask[:, None]), cache)  # [B, P, D]
+    return model.lm_head(hidden[:, -1]).float()
+
+
+def decode_one_token(model: Decoder, token: torch.Tensor, positions: torch.Tensor, key_valid: torch.Tensor, cache: KVCache) -> torch.Tensor:
+    """One step for every row: token [N, 1] long at positions [N, 1] -> next logits [N, V] float32.
+
+    Writes k/v at `cache.slots` ([1] long) and attends to the first `cache.kv_len` slots
+    where key_valid [N, S] is True. No host sync, no branch on tensor values: the unit a
+    CUDA graph or torch.compile would capture (only kv_len, an int, still varies).
+    """
+    spec = AttnSpec("mask", key_valid[:, None, None, : cache.kv_len])  # [N, 1, 1, kv_len]
+    hidden = model.hidden_states(token, positions, spec, cache)  # [N, 1, D]
+    return model.lm_head(hidden[:, -1]).float()
+
+
 @torch.no_grad()
 def generate(
     model: Decoder,
@@ -91,10 +118,12 @@ def generate(
     pad_id: int,
     generator: torch.Generator | None = None,
     decode: Callable[[list[int]], str] | None = None,
+    with_logprobs: bool = True,
 ) -> Generation:
     """Sample `params.num_samples` completions for each prompt (token-id lists).
 
-    `decode` (ids -> text) is needed only for `params.stop_strings`.
+    `decode` (ids -> text) is needed only for `params.stop_strings`. With `with_logprobs`
+    False, Generation.logprobs is None and the tokens are the same. Greedy's are under T = 1.
     """
     if any(len(p) == 0 for p in prompts):
         raise ValueError("generate: every prompt needs at least one token")
@@ -105,41 +134,32 @@ def generate(
     ids, valid = left_pad(prompts, pad_id, device)  # [B, P]
     B, P = ids.shape
     N = B * G
-
-    # Prefill once per prompt. Pad queries may attend to themselves only, which
-    # keeps their softmax finite without letting real tokens see them.
     cache = KVCache(model.config, B, P + Tn, model.lm_head.weight.dtype, device)
-    cache.slots = torch.arange(P, device=device)
-    cache.kv_len = P
-    positions = (valid.long().cumsum(-1) - 1).clamp(min=0)  # [B, P]
-    causal = torch.ones(P, P, dtype=torch.bool, device=device).tril()
-    mask = causal & (valid[:, None, :] | torch.eye(P, dtype=torch.bool, device=device))  # [B, P, P]
-    hidden = model.hidden_states(ids, positions, AttnSpec("mask", mask[:, None]), cache)
-    logits = model.lm_head(hidden[:, -1]).float()  # [B, V]
+    logits = prefill(model, ids, valid, cache)  # [B, V]
 
     # Each prompt's cache row now serves its G samples.
     cache = cache.repeat_rows(G)
     logits = logits.repeat_interleave(G, dim=0)  # [N, V]
-    key_valid = torch.ones(N, P + Tn, dtype=torch.bool, device=device)
+    key_valid = torch.ones(N, P + Tn, dtype=torch.bool, device=device)  # [N, S]
     key_valid[:, :P] = valid.repeat_interleave(G, dim=0)
-    next_pos = valid.sum(-1).repeat_interleave(G)[:, None]  # [N, 1]
+    positions = valid.sum(-1).repeat_interleave(G)[:, None]  # [N, 1]: the next token's position
+    cache.slots = torch.zeros(1, dtype=torch.long, device=device)  # [1]: the next token's slot
     stop_ids = torch.as_tensor(list(stop_token_ids), dtype=torch.long, device=device)
 
     tokens = torch.full((N, Tn), pad_id, dtype=torch.long, device=device)
     gen_mask = torch.zeros((N, Tn), dtype=torch.bool, device=device)
-    logprobs = torch.zeros((N, Tn), dtype=torch.float32, device=device)
+    logprobs = torch.zeros((N, Tn), dtype=torch.float32, device=device) if with_logprobs else None
     finished = torch.zeros(N, dtype=torch.bool, device=device)
-    slot = torch.zeros(1, dtype=torch.long, device=device)
-    cache.slots = slot
     temp = params.temperature if params.temperature > 0 else 1.0
     steps = 0
     for s in range(Tn):
-        tok = sample_tokens(logits, params.temperature, params.top_p, params.top_k, generator)
-        lp = torch.log_softmax(logits / temp, dim=-1).gather(-1, tok[:, None])[:, 0]
+        tok = sample_tokens(logits, params.temperature, params.top_p, params.top_k, generator)  # [N]
         live = ~finished
         tokens[:, s] = torch.where(live, tok, pad_id)
         gen_mask[:, s] = live
-        logprobs[:, s] = torch.where(live, lp, 0.0)
+        if logprobs is not None:  # = log_softmax(logits / T).gather(tok), without its [N, V] output
+            lp = logits.gather(-1, tok[:, None])[:, 0] / temp - torch.logsumexp(logits / temp, dim=-1)  # [N]
+            logprobs[:, s] = torch.where(live, lp, 0.0)
         finished |= live & torch.isin(tok, stop_ids)
         steps = s + 1
         if steps == Tn:
@@ -149,16 +169,15 @@ def generate(
                 _apply_stop_strings(tokens, gen_mask, logprobs, finished, steps, params.stop_strings, decode, pad_id)
             if bool(finished.all()):
                 break
-        slot.fill_(P + s)
+        cache.slots.fill_(P + s)
         cache.kv_len = P + s + 1
-        spec = AttnSpec("mask", key_valid[:, None, None, : P + s + 1])
-        hidden = model.hidden_states(tokens[:, s : s + 1], next_pos, spec, cache)
-        logits = model.lm_head(hidden[:, -1]).float()
-        next_pos += 1
+        logits = decode_one_token(model, tokens[:, s : s + 1], positions, key_valid, cache)  # [N, V]
+        positions += 1
     if params.stop_strings:
         _apply_stop_strings(tokens, gen_mask, logprobs, finished, steps, params.stop_strings, decode, pad_id)
     prompt_index = torch.arange(B, device=device).repeat_interleave(G)
-    return Generation(tokens[:, :steps], gen_mask[:, :steps], logprobs[:, :steps], prompt_index, finished)
+    logprobs = logprobs[:, :steps] if with_logprobs else None
+    return Generation(tokens[:, :steps], gen_mask[:, :steps], logprobs, prompt_index, finished)
 
 
 def _apply_stop_strings(tokens, gen_mask, logprobs, finished, steps, stop_strings, decode, pad_id) -> None:
@@ -173,5 +192,6 @@ def _apply_stop_strings(tokens, gen_mask, logprobs, finished, steps, stop_string
         end = next(i for i in range(1, len(ids) + 1) if any(s in decode(ids[:i]) for s in stop_strings))
         tokens[r, end:steps] = pad_id
         gen_mask[r, end:steps] = False
-        logprobs[r, end:steps] = 0.0
+        if logprobs is not None:
+            logprobs[r, end:steps] = 0.0
         finished[r] = True

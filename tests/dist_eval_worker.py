@@ -17,7 +17,7 @@ import torch.distributed as dist
 import gtacore.evaluate as ev
 import models
 from gtacore.distributed import init_distributed, shutdown
-from gtacore.loading import load_dataset_from_args
+from gtacore.data import load_dataset_from_args
 from models.tokenizer import Tokenizer
 
 # (mode, max_new_tokens, max_prompt_tokens): one-token sft answers give a mixed confusion

@@ -11,6 +11,7 @@ checkpoint onto 2 sharded ranks and onto 1 unsharded process, and a DDP-style
 any mismatch raises.
 """
 
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -19,12 +20,12 @@ import torch
 import torch.distributed as dist
 
 import models
-from gtacore.batch import RL_ROW, SFT_ROW
 from gtacore.checkpointing import load_trainer_state, save_checkpoint
 from gtacore.config import LossArgs
 from gtacore.distributed import DistInfo
-from gtacore.fsdp import constrain_sharded_gradients, full_state_dict, local, shard_model, whole
-from gtacore.prefix import pack_branches, pack_prompts, prefix_backward
+from gtacore.losses import Branch, forward_backward
+from gtacore.packing import RL_ROW, SFT_ROW, pack_prompts, pack_rows
+from gtacore.parallel import full_state_dict, local, shard_model, whole
 from gtacore.projection import apply_gradient_constraint
 
 
@@ -35,16 +36,18 @@ def batch(rank: int, vocab: int):
     conts = [torch.randint(0, vocab, (n,), generator=g).tolist() for n in (4, 6, 3, 5)]
     masks = [[j > 0 for j in range(len(c))] for c in conts]
     adv = torch.randn(4, generator=g).tolist()
-    rl = pack_branches(pp, [0, 0, 1, 1], conts, masks, RL_ROW, adv, "cpu")
-    sft = pack_branches(pp, [0, 1], conts[:2], masks[:2], SFT_ROW, None, "cpu")
-    return pp, [(sft, None, None, None, 1.0), (rl, None, None, 50.0, 1.0)]
+    rl = pack_rows(pp, [0, 0, 1, 1], conts, masks, RL_ROW, adv, "cpu")
+    sft = pack_rows(pp, [0, 1], conts[:2], masks[:2], SFT_ROW, None, "cpu")
+    args = LossArgs()
+    # No reference log-probs: no KL term (beta 0), as the old per-branch settings had it.
+    no_kl = lambda normalizer: dataclasses.replace(args.settings(1.0, normalizer), beta=0.0)  # noqa: E731
+    return [Branch(sft, no_kl(None)), Branch(rl, no_kl(50.0))]
 
 
 def grads_of(model, rank, vocab):
     params = list(model.parameters())
-    pp, branches = batch(rank, vocab)
-    (sft, _), (rl, _) = prefix_backward(model, params, pp, branches, LossArgs())
-    return params, sft, rl
+    sft, rl = forward_backward(model, params, batch(rank, vocab))
+    return params, sft.grads, rl.grads
 
 
 def main(model_dir: str, out_dir: str) -> None:
@@ -70,7 +73,7 @@ def main(model_dir: str, out_dir: str) -> None:
     report["grad_max_diff"] = worst
     assert worst <= 1e-6, f"sharded gradients differ from the plain mean by {worst}"
 
-    stats = constrain_sharded_gradients(s_params, s_sft, s_rl, "project", "per_param")
+    stats = apply_gradient_constraint(s_params, s_sft, s_rl, "project", "per_param")
     ref_stats = apply_gradient_constraint(params, sft_ref, rl_ref, "project", "per_param")
     decisions = [torch.empty_like(stats.conflict) for _ in range(world)]
     dist.all_gather(decisions, stats.conflict.contiguous())

@@ -39,3 +39,13 @@ def test_defaults_and_paper_settings_pass():
     assert cfg.loss.num_iterations == 4
     # gta with G = 1 still trains its guess by SFT: allowed.
     assert parse_config(["--group-size", "1"]).rollout.group_size == 1
+
+
+def test_gpu_defaults_apply_to_flags_left_out(monkeypatch, capsys):
+    monkeypatch.setattr("torch.cuda.is_available", lambda: True)
+    cfg = parse_config(["--group-size", "4"])
+    assert (cfg.rollout.batch_size, cfg.rollout.group_size, cfg.loss.beta) == (8, 4, 0.01)  # given flags win
+    assert parse_config(["--device", "cpu"]).rollout.batch_size == 4  # --device cpu keeps the CPU defaults
+    with pytest.raises(SystemExit):
+        parse_config(["--help"])
+    assert "(default: 4; 8 on a GPU)" in capsys.readouterr().out  # --help shows both

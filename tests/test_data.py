@@ -7,10 +7,11 @@ from collections import Counter
 
 import pytest
 
+from gtacore.batches import BatchSampler
 from gtacore.data import (
-    RECIPES, ClassificationData, DataError, Example, apply_recipe, load_examples, read_label_file,
+    RECIPES, ClassificationData, DataError, Example, apply_recipe, few_shot_examples, load_examples, split_examples,
 )
-from gtacore.sampling import BatchSampler, few_shot_examples, split_examples
+from gtacore.readers import read_label_file
 
 
 def write(tmp_path, name, content):

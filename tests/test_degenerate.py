@@ -1,14 +1,15 @@
 """Degenerate rollout groups, end to end through the real functions on a tiny random model.
 
 Each case runs parse -> reward -> advantage -> span codes -> RL mask -> pack -> loss ->
-backward (both the plain path, `policy.plain_backward`, and the shared-prefix path,
-`prefix.prefix_backward`) and checks that nothing is NaN and that the RL gradient is exactly
+backward (`losses.forward_backward` on both layouts: the plain one, every sequence in full, and
+the shared-prefix one) and checks that nothing is NaN and that the RL gradient is exactly
 zero whenever the batch carries no signal. The unit-level verdicts live elsewhere and are
 not repeated: the parser on an empty think and on all-tag completions (rows of
 `test_prompts.PARSER_CASES`), `group_advantages` on G = 1 and on equal groups
 (`test_rewards.test_group_advantages_degenerate_groups`).
 """
 
+import dataclasses
 import importlib
 import os
 
@@ -17,19 +18,12 @@ import torch
 from train_fixtures import LABELS, write_tiny_checkpoint
 
 import models
-from gtacore.batch import RL_ROW, SFT_ROW, pack
 from gtacore.config import LossArgs
-from gtacore.policy import packed_logprobs, plain_backward
-from gtacore.prefix import pack_branches, pack_prompts, prefix_backward, prefix_logprobs
+from gtacore.losses import Branch, forward_backward, logprobs
+from gtacore.packing import RL_ROW, SFT_ROW, pack_prompts, pack_rows
 from gtacore.projection import apply_gradient_constraint
-from gtacore.prompts import (
-    build_messages,
-    parse_completion,
-    render_prompt,
-    rl_mask,
-    span_codes,
-)
-from gtacore.rewards import batch_rewards, group_advantages, reward
+from gtacore.completions import batch_rewards, group_advantages, parse_completion, reward, rl_mask, span_codes
+from gtacore.prompts import build_messages, render_prompt
 from models.tokenizer import Tokenizer
 
 os.environ.setdefault("GTACORE_POISON_OUTPUTS", "1")  # an output a kernel forgets to write is NaN
@@ -49,12 +43,20 @@ def setup(tmp_path_factory):
 
 
 def rollout(tok, texts, golds, group_size, eos=True, scale_std=True, w_format=1.0):
-    """What sample_rollouts computes from decoded texts: (ids, rewards, advantages, rl masks)."""
+    """What gtacore.rollout.rollout computes from decoded texts: (ids, rewards, advantages, rl masks)."""
     ids = [tok.encode(t) + ([tok.eos_token_id] if eos else []) for t in texts]
     rewards, _ = batch_rewards(texts, golds, LABELS, "gta", w_format=w_format)
     advantages = group_advantages(rewards, group_size, scale_std=scale_std)
     masks = [rl_mask(span_codes(tok, c, "gta"), "gta") for c in ids]
     return ids, rewards, advantages, masks
+
+
+def branch(rows, ref, normalizer, temperature, args):
+    """A Branch with the loss settings the old API derived per branch: no KL term without ref."""
+    settings = args.settings(temperature, normalizer)
+    if ref is None:
+        settings = dataclasses.replace(settings, beta=0.0)
+    return Branch(rows, settings, None, ref)
 
 
 def rl_backward(setup, path, ids, masks, advantages, group_size, args=None, ref=False):
@@ -65,15 +67,13 @@ def rl_backward(setup, path, ids, masks, advantages, group_size, args=None, ref=
     parent = [r // group_size for r in range(len(ids))]
     adv = advantages.tolist()
     if path == "plain":
-        batch = pack([prompts[b] for b in parent], ids, masks, RL_ROW, adv)
-        ref_lp = packed_logprobs(model, batch, 1.0) if ref else None
-        [(grads, out)] = plain_backward(model, params, [(batch, None, ref_lp, 1000.0, 1.0)], args)
+        rows = pack_rows([prompts[b] for b in parent], range(len(ids)), ids, masks, RL_ROW, adv, "cpu")
     else:
         pp = pack_prompts(prompts[: parent[-1] + 1], "cpu")
-        branch = pack_branches(pp, parent, ids, masks, RL_ROW, adv, "cpu")
-        ref_lp = prefix_logprobs(model, pp, branch, 1.0) if ref else None
-        [(grads, out)] = prefix_backward(model, params, pp, [(branch, None, ref_lp, 1000.0, 1.0)], args)
-    return grads, out
+        rows = pack_rows(pp, parent, ids, masks, RL_ROW, adv, "cpu")
+    ref_lp = logprobs(model, rows, 1.0) if ref else None
+    [result] = forward_backward(model, params, [branch(rows, ref_lp, 1000.0, 1.0, args)])
+    return result.grads, result.loss
 
 
 def all_zero(grads):
@@ -184,15 +184,16 @@ def test_no_rl_tokens_beside_sft_rows(setup):
     params = list(model.parameters())
     pp = pack_prompts(prompts[:1], "cpu")
     sft_ids = tok.encode("<guess>joy</guess>")
-    sft = pack_branches(pp, [0], [sft_ids], [[True] * len(sft_ids)], SFT_ROW, None, "cpu")
+    sft = pack_rows(pp, [0], [sft_ids], [[True] * len(sft_ids)], SFT_ROW, None, "cpu")
     ids = [tok.encode("<guess>joy")]
-    rl = pack_branches(pp, [0], ids, [[False] * len(ids[0])], RL_ROW, [1.0], "cpu")
+    rl = pack_rows(pp, [0], ids, [[False] * len(ids[0])], RL_ROW, [1.0], "cpu")
     args = LossArgs(mode="gta")
-    (sft_grads, sft_out), (rl_grads, rl_out) = prefix_backward(
-        model, params, pp, [(sft, None, None, None, 1.0), (rl, None, None, 1000.0, 1.0)], args)
+    (sft_grads, sft_out), (rl_grads, rl_out) = ((r.grads, r.loss) for r in forward_backward(
+        model, params, [branch(sft, None, None, 1.0, args), branch(rl, None, 1000.0, 1.0, args)]))
     assert torch.isfinite(sft_out.loss) and sft_out.loss.item() > 0 and not all_zero(sft_grads)
     assert rl_out.loss.item() == 0.0 and all_zero(rl_grads)
-    [(alone, _)] = prefix_backward(model, params, pp, [(sft, None, None, None, 1.0)], args)
+    [sft_alone] = forward_backward(model, params, [branch(sft, None, None, 1.0, args)])
+    alone = sft_alone.grads
     assert all(torch.equal(a, b) for a, b in zip(sft_grads, alone))
     # The gradient constraint against a zero RL gradient leaves the SFT gradient as it is.
     for mode in ("project", "gate"):

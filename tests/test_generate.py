@@ -4,7 +4,8 @@ import pytest
 import torch
 
 import models
-from models.generate import SamplingParams, generate, sample_tokens
+from models.decoder import KVCache
+from models.generate import SamplingParams, decode_one_token, generate, left_pad, prefill, sample_tokens
 from tiny_models import write_hf_checkpoint
 
 EOS = 2
@@ -51,6 +52,41 @@ def test_logprobs_equal_teacher_forced_forward(model, temperature):
         expected = torch.log_softmax(logits, -1).gather(-1, gen[:, None])[:, 0]
         assert (out.logprobs[r][out.mask[r]] - expected).abs().max().item() <= 1e-4
         assert (out.logprobs[r][~out.mask[r]] == 0).all()
+
+
+def test_prefill_then_decode_one_token_equals_full_forward(model):
+    # Drive the two phases by hand with teacher-forced tokens, as generate's loop does.
+    V, steps = model.config.vocab_size, 5
+    prompts = _prompts(V, [7, 2, 11], seed=3)
+    new = torch.randint(3, V, (len(prompts), steps), generator=torch.Generator().manual_seed(4))  # [B, steps]
+    ids, valid = left_pad(prompts, 0, "cpu")  # [B, P]
+    B, P = ids.shape
+    cache = KVCache(model.config, B, P + steps, model.lm_head.weight.dtype, "cpu")
+    cache.k.normal_()  # poison: a slot read before it is written fails
+    cache.v.normal_()
+    key_valid = torch.cat([valid, torch.ones(B, steps, dtype=torch.bool)], dim=1)  # [B, P + steps]
+    positions = valid.sum(-1, keepdim=True)  # [B, 1]
+    with torch.no_grad():
+        logits = [prefill(model, ids, valid, cache)]
+        cache.slots = torch.zeros(1, dtype=torch.long)
+        for s in range(steps):
+            cache.slots.fill_(P + s)
+            cache.kv_len = P + s + 1
+            logits.append(decode_one_token(model, new[:, s : s + 1], positions + s, key_valid, cache))
+        for b, prompt in enumerate(prompts):
+            full = model(torch.tensor([prompt + new[b].tolist()]))[0, len(prompt) - 1 :].float()  # [steps + 1, V]
+            assert (torch.stack([step[b] for step in logits]) - full).abs().max().item() <= 1e-4
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_without_logprobs_same_tokens_and_no_logprobs(model, temperature):
+    prompts = _prompts(model.config.vocab_size, [6, 3, 10], seed=1)
+    params = SamplingParams(max_new_tokens=12, temperature=temperature, num_samples=3, top_p=0.9)
+    runs = [generate(model, prompts, params, [EOS], 0, generator=torch.Generator().manual_seed(5), with_logprobs=w)
+            for w in (True, False)]
+    assert runs[0].logprobs is not None and runs[1].logprobs is None
+    assert torch.equal(runs[0].tokens, runs[1].tokens) and torch.equal(runs[0].mask, runs[1].mask)
+    assert torch.equal(runs[0].finished, runs[1].finished)
 
 
 def test_rows_stop_at_a_stop_token_and_are_padded_after(model):

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from kernels import RowCounts, gta_loss
+from kernels import LossSettings, RowCounts, gta_loss
 from tiny_models import write_hf_checkpoint
 
 pytest.importorskip("transformers")
@@ -45,12 +45,12 @@ def test_row_counts_are_the_denominators(agg):
                  advantages=torch.randn(len(k), dtype=torch.float64)) for k in kinds]
     whole = {k: torch.cat([r[k] for r in rows]) for k in rows[0]}
     whole_seqs = torch.cat([seqs[0], seqs[1] + 2])
-    expected = gta_loss(**whole, agg=agg, seq_ids=whole_seqs)
+    expected = gta_loss(**whole, settings=LossSettings(agg=agg), seq_ids=whole_seqs)
     counts = RowCounts(sft_rows=3 / 2, rl_rows=9 / 2, rl_seqs=5 / 2)  # SFT rows, RL rows, RL sequences; over 2 ranks
-    parts = [gta_loss(**r, agg=agg, seq_ids=s, row_counts=counts) for r, s in zip(rows, seqs)]
+    parts = [gta_loss(**r, settings=LossSettings(agg=agg), seq_ids=s, row_counts=counts) for r, s in zip(rows, seqs)]
     for name in ("sft_loss", "rl_loss"):
         got = sum(getattr(p, name) for p in parts) / 2
         assert torch.allclose(got, getattr(expected, name)), name
     # Without the global counts each part is its own mean, and their mean is not the union's.
-    alone = [gta_loss(**r, agg=agg, seq_ids=s) for r, s in zip(rows, seqs)]
+    alone = [gta_loss(**r, settings=LossSettings(agg=agg), seq_ids=s) for r, s in zip(rows, seqs)]
     assert not torch.allclose(sum(p.rl_loss for p in alone) / 2, expected.rl_loss)

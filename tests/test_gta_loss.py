@@ -11,7 +11,7 @@ os.environ.setdefault("GTACORE_POISON_OUTPUTS", "1")
 
 import pytest  # noqa: E402
 
-from kernels import gta_loss, gta_token_objective  # noqa: E402
+from kernels import LossSettings, gta_loss, gta_token_objective  # noqa: E402
 from kernels.gta_loss import gta_loss_reference, gta_row_weights  # noqa: E402
 from kernels.selective_logprobs import selective_logprobs_reference  # noqa: E402
 
@@ -80,8 +80,8 @@ def test_token_objective_matches_python_loop():
 @pytest.mark.parametrize("beta", [0.0, 0.05])
 def test_matches_reference(kinds, agg, beta):
     logits, targets, row_kind, old, advantages, ref, seq_ids = make_batch(kinds)
-    kwargs = dict(eps_low=0.2, eps_high=0.28, beta=beta, temperature=0.7, agg=agg,
-                  seq_ids=seq_ids, loss_normalizer=50.0)
+    settings = LossSettings(eps_low=0.2, eps_high=0.28, beta=beta, temperature=0.7, agg=agg, loss_normalizer=50.0)
+    kwargs = dict(settings=settings, seq_ids=seq_ids)
     ref_or_none = ref if beta else None
     out = gta_loss(logits, targets, row_kind, old, advantages, ref_or_none, **kwargs)
     logits64 = logits.detach().double().requires_grad_()
@@ -112,7 +112,7 @@ def test_sft_loss_is_cross_entropy_of_sft_rows():
 
 def test_clipped_tokens_get_no_policy_gradient():
     logits, targets, row_kind, old, advantages, _, _ = make_batch("no_sft", seed=2)
-    out = gta_loss(logits, targets, row_kind, old, advantages, eps_low=0.1, eps_high=0.1)
+    out = gta_loss(logits, targets, row_kind, old, advantages, settings=LossSettings(eps_low=0.1, eps_high=0.1))
     clipped = out.stats["clipped"]
     rl = row_kind == 2
     assert (clipped & (advantages > 0)).any() and (clipped & (advantages < 0)).any()
@@ -126,7 +126,7 @@ def test_clipped_tokens_get_no_policy_gradient():
 def test_seq_mean_is_mean_of_sequence_means():
     logits, targets, row_kind, old, advantages, _, seq_ids = make_batch("mixed", seed=3)
     seq_ids = torch.randperm(N, device=DEVICE)[seq_ids]  # arbitrary ids in [0, N)
-    out = gta_loss(logits, targets, row_kind, old, advantages, agg="seq_mean", seq_ids=seq_ids)
+    out = gta_loss(logits, targets, row_kind, old, advantages, settings=LossSettings(agg="seq_mean"), seq_ids=seq_ids)
     token = gta_token_objective(out.stats["logprobs"], old, advantages)
     rl = row_kind == 2
     sequence_means = [token.objective[rl & (seq_ids == s)].mean() for s in seq_ids[rl].unique()]
@@ -135,11 +135,11 @@ def test_seq_mean_is_mean_of_sequence_means():
 
 def test_inputs_of_other_rows_are_ignored():
     logits, targets, row_kind, old, advantages, ref, _ = make_batch("mixed", seed=4)
-    clean = gta_loss(logits, targets, row_kind, old, advantages, ref, beta=0.05)
+    clean = gta_loss(logits, targets, row_kind, old, advantages, ref, LossSettings(beta=0.05))
     not_rl = row_kind != 2
     dirty_inputs = [t.masked_fill(not_rl, float("nan")) for t in (old, advantages, ref)]
     dirty_targets = targets.masked_fill(row_kind == 0, -100)
-    dirty = gta_loss(logits, dirty_targets, row_kind, *dirty_inputs[:2], dirty_inputs[2], beta=0.05)
+    dirty = gta_loss(logits, dirty_targets, row_kind, *dirty_inputs[:2], dirty_inputs[2], LossSettings(beta=0.05))
     assert torch.equal(clean.sft_loss, dirty.sft_loss) and torch.equal(clean.rl_loss, dirty.rl_loss)
     (grad,) = torch.autograd.grad(dirty.sft_loss + dirty.rl_loss, logits)
     assert torch.isfinite(grad).all()
@@ -161,10 +161,10 @@ def test_row_weights_sum_to_one():
 def test_bad_arguments_raise():
     logits, targets, row_kind, old, advantages, _, _ = make_batch("mixed")
     with pytest.raises(ValueError, match="ref_logprobs"):
-        gta_loss(logits, targets, row_kind, old, advantages, beta=0.1)
+        gta_loss(logits, targets, row_kind, old, advantages, settings=LossSettings(beta=0.1))
     with pytest.raises(ValueError, match="seq_ids"):
-        gta_loss(logits, targets, row_kind, old, advantages, agg="seq_mean")
+        gta_loss(logits, targets, row_kind, old, advantages, settings=LossSettings(agg="seq_mean"))
     with pytest.raises(ValueError, match="loss_normalizer"):
-        gta_loss(logits, targets, row_kind, old, advantages, agg="constant")
+        gta_loss(logits, targets, row_kind, old, advantages, settings=LossSettings(agg="constant"))
     with pytest.raises(ValueError, match="agg"):
-        gta_loss(logits, targets, row_kind, old, advantages, agg="sum")
+        gta_loss(logits, targets, row_kind, old, advantages, settings=LossSettings(agg="sum"))

@@ -1,13 +1,14 @@
 """Shared-prefix forward/backward equals running every full sequence (the obviously right path)."""
 
+import dataclasses
+
 import pytest
 import torch
 
 import models
-from gtacore.batch import RL_ROW, SFT_ROW, pack
 from gtacore.config import LossArgs
-from gtacore.policy import packed_logprobs, packed_loss
-from gtacore.prefix import pack_branches, pack_prompts, prefix_backward, prefix_logprobs
+from gtacore.losses import Branch, branch_loss, forward_backward, head_weight, logprobs, loss_row_hidden
+from gtacore.packing import RL_ROW, SFT_ROW, pack_prompts, pack_rows
 from tiny_models import write_hf_checkpoint
 
 G = 3
@@ -32,8 +33,21 @@ def _data(vocab, seed=0):
     return prompts, rollouts, rl_masks, sft, sft_masks, advantages
 
 
+def pack(prompts_per_seq, conts, masks, kind, adv=None):
+    """The plain layout: sequence s is prompts_per_seq[s] + conts[s]."""
+    return pack_rows(prompts_per_seq, range(len(conts)), conts, masks, kind, adv, "cpu")
+
+
+def branch(rows, old, ref, normalizer, temperature, args):
+    """A Branch with the loss settings the old API derived per branch: no KL term without ref."""
+    settings = args.settings(temperature, normalizer)
+    if ref is None:
+        settings = dataclasses.replace(settings, beta=0.0)
+    return Branch(rows, settings, old, ref)
+
+
 def _plain_grads(model, params, batch, old, ref, args, T, norm):
-    out = packed_loss(model, batch, old, ref, args, T, norm)
+    out = branch_loss(loss_row_hidden(model, batch), head_weight(model), branch(batch, old, ref, norm, T, args))
     out.loss.backward()
     grads = [p.grad.clone() for p in params]
     for p in params:
@@ -53,9 +67,9 @@ def test_logprobs_and_gradients_equal_the_plain_path(model, mode):
     plain, prefix = [], []
     if mode != "sft":
         rl_plain = pack([prompts[b] for b in parent], rollouts, rl_masks, RL_ROW, adv)
-        rl_branch = pack_branches(pp, parent, rollouts, rl_masks, RL_ROW, adv, "cpu")
-        lp_plain = packed_logprobs(model, rl_plain, T)
-        lp_prefix = prefix_logprobs(model, pp, rl_branch, T)
+        rl_branch = pack_rows(pp, parent, rollouts, rl_masks, RL_ROW, adv, "cpu")
+        lp_plain = logprobs(model, rl_plain, T)
+        lp_prefix = logprobs(model, rl_branch, T)
         assert (lp_plain - lp_prefix).abs().max() <= 1e-5
         old = lp_plain + 0.05 * torch.randn_like(lp_plain)  # mu > 1: ratios away from 1, some clipped
         ref = lp_plain + 0.1 * torch.randn_like(lp_plain)
@@ -64,9 +78,10 @@ def test_logprobs_and_gradients_equal_the_plain_path(model, mode):
     if mode != "grpo":
         sft_parent = list(range(len(prompts)))
         plain.insert(0, (pack(prompts, sft, sft_masks, SFT_ROW), None, None))
-        prefix.insert(0, (pack_branches(pp, sft_parent, sft, sft_masks, SFT_ROW, None, "cpu"), None, None, norm, T))
-    results = prefix_backward(model, params, pp, prefix, args)
-    for (batch, old, ref), (grads, out) in zip(plain, results):
+        prefix.insert(0, (pack_rows(pp, sft_parent, sft, sft_masks, SFT_ROW, None, "cpu"), None, None, norm, T))
+    results = forward_backward(model, params, [branch(*b, args) for b in prefix])
+    for (batch, old, ref), result in zip(plain, results):
+        grads, out = result.grads, result.loss
         expected, ref_out = _plain_grads(model, params, batch, old, ref, args, T, norm)
         assert torch.allclose(out.sft_loss, ref_out.sft_loss, atol=1e-6) and torch.allclose(out.rl_loss, ref_out.rl_loss, atol=1e-6)
         for p_name, a, b in zip([n for n, _ in model.named_parameters()], grads, expected):
@@ -79,11 +94,11 @@ def test_siblings_do_not_see_each_other(model):
     prompts, rollouts, rl_masks, *_ = _data(model.config.vocab_size, seed=1)
     parent = [r // G for r in range(len(rollouts))]
     pp = pack_prompts(prompts, "cpu")
-    a = prefix_logprobs(model, pp, pack_branches(pp, parent, rollouts, rl_masks, RL_ROW, None, "cpu"), 1.0)
+    a = logprobs(model, pack_rows(pp, parent, rollouts, rl_masks, RL_ROW, None, "cpu"), 1.0)
     changed = [list(c) for c in rollouts]
     changed[1] = [5]  # sibling of rollouts 0 and 2 (same length, different token)
-    b_branch = pack_branches(pp, parent, changed, rl_masks, RL_ROW, None, "cpu")
-    b = prefix_logprobs(model, pp, b_branch, 1.0)
+    b_branch = pack_rows(pp, parent, changed, rl_masks, RL_ROW, None, "cpu")
+    b = logprobs(model, b_branch, 1.0)
     seq = b_branch.seq_ids
     assert torch.equal(a[seq != 1], b[seq != 1])
 
@@ -91,7 +106,7 @@ def test_siblings_do_not_see_each_other(model):
 def test_activation_checkpointing_gives_the_same_gradients(tmp_path):
     """Recomputing each block in the backward (both backward paths, with the prompt pass's
     retained graph run twice) changes no gradient and no parameter name."""
-    from gtacore.policy import checkpoint_blocks, plain_backward
+    from gtacore.parallel import checkpoint_blocks
 
     path = write_hf_checkpoint("qwen3-tied", tmp_path / "c")
     plain_model, ckpt_model = (models.load_pretrained(path).train() for _ in range(2))
@@ -109,11 +124,11 @@ def test_activation_checkpointing_gives_the_same_gradients(tmp_path):
     parent = [i // G for i in range(len(rollouts))]
     pp = pack_prompts(prompts, "cpu")
     args = LossArgs()
-    prefix = [(pack_branches(pp, list(range(len(prompts))), sft, sft_masks, SFT_ROW, None, "cpu"), None, None, None, 1.0),
-              (pack_branches(pp, parent, rollouts, rl_masks, RL_ROW, adv, "cpu"), None, None, 40.0, 1.0)]
+    prefix = [(pack_rows(pp, list(range(len(prompts))), sft, sft_masks, SFT_ROW, None, "cpu"), None, None, None, 1.0),
+              (pack_rows(pp, parent, rollouts, rl_masks, RL_ROW, adv, "cpu"), None, None, 40.0, 1.0)]
     full = [(pack([prompts[b] for b in parent], rollouts, rl_masks, RL_ROW, adv), None, None, 40.0, 1.0)]
-    for run in (lambda m: prefix_backward(m, list(m.parameters()), pp, prefix, args),
-                lambda m: plain_backward(m, list(m.parameters()), full, args)):
-        for (want, _), (got, _) in zip(run(plain_model), run(ckpt_model)):
-            for a, b in zip(want, got):
+    for run in (lambda m: forward_backward(m, list(m.parameters()), [branch(*b, args) for b in prefix]),
+                lambda m: forward_backward(m, list(m.parameters()), [branch(*b, args) for b in full])):
+        for want, got in zip(run(plain_model), run(ckpt_model)):
+            for a, b in zip(want.grads, got.grads):
                 assert torch.equal(a, b)

@@ -2,10 +2,8 @@
 
 import pytest
 
-from gtacore.prompts import (
-    ANSWER, GUESS, OTHER, PROMPT, THINK, Parsed, build_messages, format_target, parse_completion, render_prompt,
-    rl_mask, sft_target, sft_target_ids, span_codes,
-)
+from gtacore.completions import ANSWER, GUESS, OTHER, PROMPT, THINK, Parsed, format_target, parse_completion, rl_mask, span_codes
+from gtacore.prompts import build_messages, render_prompt, sft_target, sft_target_ids
 from models.tokenizer import Tokenizer
 from tokenizer_fixtures import CHATML_BLANK_LINE, write_tokenizer
 

@@ -21,8 +21,8 @@ from train_fixtures import LABELS, write_dataset, write_tiny_checkpoint
 import models
 from gtacore.checkpointing import load_trainer_state, save_checkpoint
 from gtacore.data import DataError, load_examples
-from gtacore.loading import load_dataset_from_args
-from gtacore.sampling import BatchSampler
+from gtacore.data import load_dataset_from_args
+from gtacore.batches import BatchSampler
 from models import CheckpointError, ConfigError
 from models.tokenizer import Tokenizer, TokenizerError
 

@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 import train
 from gtacore.checkpointing import latest_checkpoint
 from gtacore.data import DataError, Example
-from gtacore.rollout import make_prompts
+from gtacore.prompts import make_prompts
 from models.tokenizer import Tokenizer
 from train_fixtures import LABELS, write_dataset, write_tiny_checkpoint
 
@@ -55,20 +55,20 @@ def _same_weights(a: Path, b: Path) -> bool:
 
 def _poison(monkeypatch, bad_calls: set[int], what: str):
     """Make the RL branch's gradient (or loss) NaN on the given backward calls (0-based)."""
-    real, calls = train.prefix_backward, {"n": 0}
+    real, calls = train.forward_backward, {"n": 0}
 
     def backward(*args, **kwargs):
         results = real(*args, **kwargs)
         if calls["n"] in bad_calls:
-            grads, out = results[-1]
+            rl = results[-1]
             if what == "grad":
-                next(g for g in grads if g is not None).view(-1)[0] = float("nan")
+                next(g for g in rl.grads if g is not None).view(-1)[0] = float("nan")
             else:
-                results[-1] = (grads, out._replace(loss=out.loss * float("inf")))
+                rl.loss = rl.loss._replace(loss=rl.loss.loss * float("inf"))
         calls["n"] += 1
         return results
 
-    monkeypatch.setattr(train, "prefix_backward", backward)
+    monkeypatch.setattr(train, "forward_backward", backward)
 
 
 @pytest.mark.parametrize("what", ["grad", "loss"])

@@ -6,8 +6,8 @@ import statistics
 import pytest
 import torch
 
-from gtacore.prompts import Parsed
-from gtacore.rewards import batch_rewards, group_advantages, reward
+from gtacore.completions import Parsed
+from gtacore.completions import batch_rewards, group_advantages, reward
 
 LABELS = ["joy", "sadness", "fear"]
 

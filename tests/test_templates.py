@@ -7,11 +7,9 @@ import json
 import pytest
 
 from gtacore.data import Example
-from gtacore.prompts import (
-    ANSWER, GUESS, build_messages, choose_layout, format_target, parse_completion, render_chat, rl_mask, sft_target_ids,
-    span_codes,
-)
-from gtacore.rollout import make_prompts
+from gtacore.completions import ANSWER, GUESS, format_target, parse_completion, rl_mask, span_codes
+from gtacore.prompts import build_messages, choose_layout, render_chat, sft_target_ids
+from gtacore.prompts import make_prompts
 from models.tokenizer import Tokenizer, TokenizerError
 from tiny_models import BASE
 from tokenizer_fixtures import family_template, write_tokenizer

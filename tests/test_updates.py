@@ -11,6 +11,7 @@ hand from the same rollouts and old log-probs.
 
 import json
 import os
+from dataclasses import replace
 import subprocess
 import sys
 from pathlib import Path
@@ -19,14 +20,15 @@ import pytest
 import torch
 
 import train
-from gtacore.batch import RL_ROW, SFT_ROW, pack
 from gtacore.config import parse_config
 from gtacore.data import load_examples
 from gtacore.distributed import DistInfo
-from gtacore.policy import packed_logprobs, packed_loss
-from gtacore.rollout import make_prompts, sample_rollouts, sft_targets
+from gtacore.losses import Branch, branch_loss, head_weight, logprobs, loss_row_hidden
+from gtacore.packing import RL_ROW, SFT_ROW, pack_rows
+from gtacore.prompts import make_prompts, sft_targets
+from gtacore.completions import group_advantages
+from gtacore.rollout import rollout
 from models import load_pretrained
-from models.generate import SamplingParams
 from models.tokenizer import Tokenizer
 from train_fixtures import LABELS, write_dataset, write_tiny_checkpoint
 from update_probe import record_updates, scripted_rewards
@@ -112,21 +114,25 @@ def test_mu2_step_equals_two_hand_driven_updates(setup, tmp_path):
 
     # By hand: the same rollouts (same generator), then two plain updates.
     policy, params, opt = fresh()
-    sampling = SamplingParams(max_new_tokens=R.max_new_tokens, temperature=R.temperature, num_samples=R.group_size)
-    with scripted_rewards():
-        ro = sample_rollouts(policy, tok, prompts, LABELS, "gta", sampling, train.step_generator(cfg, 0, info),
-                             L.w_format, L.w_acc, L.scale_std)
     G = R.group_size
-    rl = pack([prompts[r // G].ids for r in range(len(ro.completions))], ro.completions, ro.rl_masks, RL_ROW,
-              ro.advantages.tolist())
-    sft = pack([p.ids for p in prompts], *sft_targets(tok, prompts, "gta"), SFT_ROW)
-    with torch.no_grad():
-        old, ref_lp = packed_logprobs(policy, rl, R.temperature), packed_logprobs(ref, rl, R.temperature)
-    normalizer = R.batch_size * R.group_size * R.max_new_tokens
-    assert ro.advantages.abs().sum() > 0
+    with scripted_rewards():
+        ro = rollout(policy, tok, prompts, "gta", R, train.step_generator(cfg, 0, info))
+        rewards, _ = train.batch_rewards(ro.texts, [prompts[r // G].example.label for r in range(len(ro.texts))], LABELS,
+                                         "gta", L.w_format, L.w_acc)
+    advantages = group_advantages(rewards, G, scale_std=L.scale_std)
+    parent = [r // G for r in range(len(ro.completions))]
+    rl = pack_rows([p.ids for p in prompts], parent, ro.completions, ro.rl_masks, RL_ROW, advantages.tolist(), "cpu")
+    sft = pack_rows([p.ids for p in prompts], range(len(prompts)), *sft_targets(tok, prompts, "gta"), SFT_ROW, None, "cpu")
+    old, ref_lp = logprobs(policy, rl, R.temperature), logprobs(ref, rl, R.temperature)
+    settings = L.settings(R.temperature, R.batch_size * R.group_size * R.max_new_tokens)
+    assert advantages.abs().sum() > 0
+
+    def loss(branch):
+        return branch_loss(loss_row_hidden(policy, branch.rows), head_weight(policy), branch).loss
+
     for _ in range(2):
-        g_sft = torch.autograd.grad(packed_loss(policy, sft, None, None, L, 1.0).loss, params)
-        g_rl = torch.autograd.grad(packed_loss(policy, rl, old, ref_lp, L, R.temperature, normalizer).loss, params)
+        g_sft = torch.autograd.grad(loss(Branch(sft, replace(settings, temperature=1.0, beta=0.0))), params)
+        g_rl = torch.autograd.grad(loss(Branch(rl, settings, old, ref_lp)), params)
         combined = [_project(s, r) + r for s, r in zip(g_sft, g_rl)]
         norm = torch.cat([g.reshape(-1) for g in combined]).norm()
         scale = min(1.0, cfg.optim.max_grad_norm / (norm.item() + 1e-6))

@@ -33,19 +33,19 @@ def raise_on_rank_1() -> None:
 
 
 def nan_on_rank_1() -> None:
-    from gtacore.fsdp import local
+    from gtacore.parallel import local
 
-    real, calls = train.prefix_backward, {"n": 0}
+    real, calls = train.forward_backward, {"n": 0}
 
     def backward(*args, **kwargs):
         results = real(*args, **kwargs)
         if int(os.environ.get("RANK", 0)) == 1 and calls["n"] == 2:  # mu = 2: call 2 is step 2's first update
-            shard = next(local(g) for g in results[-1][0] if g is not None and local(g).numel() > 0)
+            shard = next(local(g) for g in results[-1].grads if g is not None and local(g).numel() > 0)
             shard.view(-1)[0] = float("nan")
         calls["n"] += 1
         return results
 
-    train.prefix_backward = backward
+    train.forward_backward = backward
 
 
 def stall_in_save(marker: str) -> None:

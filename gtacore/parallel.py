@@ -1,4 +1,10 @@
-"""Sharded data parallelism (`--shard fsdp`): PyTorch's FSDP2 `fully_shard`, one unit per block.
+"""Placing the model on devices: DDP gradient averaging, FSDP sharding, the whole-model copy for
+rollouts, activation checkpointing; each applied to a finished model, which knows none of them.
+
+DDP (the default): every rank holds the whole model; each backward's gradients are averaged
+with one all-reduce (`average_gradients`), so every rank sees the same gradients.
+
+FSDP (`--shard fsdp`): PyTorch's FSDP2 `fully_shard`, one unit per block.
 
 With DDP every rank holds the whole model, its gradients and its AdamW state:
 16 bytes per parameter in fp32 (weights 4, gradient 4, two moments 8), plus a
@@ -12,14 +18,14 @@ What each stage does with the shards:
   freed after, gathered again for its backward); the root unit holds the
   embedding, final norm and LM head, which stay whole from the root's forward to
   its backward, so the fused LM-head loss reads `model.lm_head.weight` after the
-  forward (gtacore/policy.py `head_weight`). Gradients arrive reduce-scattered
+  forward (gtacore/losses.py `head_weight`). Gradients arrive reduce-scattered
   (averaged over ranks) in each parameter's `.grad` as a sharded DTensor: no
   separate all-reduce. On GPU, weights are gathered in bf16 and gradients reduced
   in fp32 (`MixedPrecisionPolicy`); AdamW's master weights and moments are in the
   parameters' dtype (fp32 unless --dtype says otherwise).
 - Gradient constraint: on the local shards, with one all-reduce of the per-tensor
-  dots and norms for all parameters (gtacore/projection.py, `shard_reduce`), so
-  every rank takes the same decision.
+  dots and norms for all parameters (gtacore/projection.py), so every rank takes
+  the same decision.
 - Rollout and evaluation: generation is a few hundred tiny forwards; gathering the
   blocks for each would cost hundreds of all-gathers per step. Instead the policy's
   weights are gathered once per step into a plain, unsharded `Decoder`
@@ -39,19 +45,71 @@ What each stage does with the shards:
 from __future__ import annotations
 
 import warnings
+from functools import partial
 
 import torch
+import torch.distributed as dist
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
+from torch.utils.checkpoint import checkpoint
 
+import models
 from models.decoder import Decoder
 
-from .projection import ConstraintStats, constrain_gradients
+from .distributed import DistInfo
 
 # Blocks return their (k, v) for shared-prefix training, and v is a transpose view.
 # FSDP2 warns because an in-place op on such a view would skip its backward hook;
 # nothing here modifies those tensors in place.
 warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a view tensor")
+
+
+def checkpoint_blocks(model: torch.nn.Module) -> None:
+    """Activation checkpointing: each decoder block keeps only its input for the backward and
+    recomputes the rest there (about one more forward of compute).
+
+    The blocks' `forward` is replaced on the instances, so parameter names, and with them the
+    checkpoints, stay as they are. Apply before FSDP sharding: FSDP then gathers a block's
+    weights for the recomputation as for its backward.
+    """
+    for block in model.model.layers:
+        block.forward = partial(checkpoint, type(block).forward, block, use_reentrant=False)
+
+
+def average_gradients(grads: list[torch.Tensor | None], info: DistInfo) -> None:
+    """DDP: average gradients over ranks in place, one collective for all of them. FSDP's
+    gradients arrive reduce-scattered (DTensors) and pass untouched."""
+    present = [g for g in grads if g is not None and not isinstance(g, DTensor)]
+    if not info.distributed or not present:
+        return
+    flat = torch.cat([g.reshape(-1) for g in present])
+    dist.all_reduce(flat)
+    flat /= info.world_size
+    offset = 0
+    for g in present:
+        g.copy_(flat[offset : offset + g.numel()].view_as(g))
+        offset += g.numel()
+
+
+def grad_norm_and_health(grads: list[torch.Tensor], losses: list[torch.Tensor], info: DistInfo,
+                         sharded: bool) -> tuple[torch.Tensor, bool]:
+    """(global L2 norm of the gradients, True if it and every rank's losses are finite).
+
+    `grads` are this rank's tensors: whole synchronized gradients (DDP) or shards
+    (FSDP). One small all-reduce carries [squared norm, non-finite count]: summed
+    over ranks for shards, max for replicated gradients (every rank has the same
+    norm, so max keeps it bit for bit). The boolean is the one host sync.
+    """
+    sq = torch.zeros((), dtype=torch.float32, device=info.device)
+    if grads:
+        sq = torch.stack([n.float() for n in torch._foreach_norm(grads)]).square().sum()
+    # Counts of non-finite values travel as a separate entry: MAX may drop a NaN.
+    bad = (~torch.isfinite(sq)).float() + sum(((~torch.isfinite(x.detach())).sum().float() for x in losses), sq.new_zeros(()))
+    packed = torch.stack([sq, bad])
+    if info.distributed:
+        dist.all_reduce(packed, op=dist.ReduceOp.SUM if sharded else dist.ReduceOp.MAX)
+    norm = packed[0].sqrt()
+    return norm, bool(torch.isfinite(norm) & (packed[1] == 0))
 
 
 def shard_model(model: Decoder, mixed_precision: bool) -> Decoder:
@@ -144,13 +202,24 @@ class WholeModel:
         return self.model
 
 
-def constrain_sharded_gradients(params: list[torch.nn.Parameter], sft_grads: list, rl_grads: list, mode: str,
-                                granularity: str) -> ConstraintStats:
-    """`apply_gradient_constraint` for FSDP: combine the local shards with one all-reduce of
-    the statistics, then set each `param.grad` to the combined sharded gradient."""
-    rl_local = [local(g) for g in rl_grads]
-    combined, stats = constrain_gradients([local(g) for g in sft_grads], rl_local, mode, granularity, shard_reduce=True)
-    for p, g, r, r_local in zip(params, combined, rl_grads, rl_local):
-        # Where an RL gradient exists it was overwritten in place (its DTensor now holds the result).
-        p.grad = None if g is None else r if g is r_local else as_param_shard(p, g)
-    return stats
+def load_models(cfg, model_path, resume_from, info: DistInfo):
+    """(policy, reference or None, rollout_model) placed as `cfg.run` says: activation
+    checkpointing, FSDP shards. rollout_model() returns the model that generates: the policy, or
+    under FSDP its whole copy, refreshed (a collective). Each model is read whole, then sharded
+    before the next one is read."""
+    dtype = models.parse_dtype(cfg.model.dtype)
+    sharded, gpu_bf16 = cfg.run.shard == "fsdp", info.device.type == "cuda"
+    policy = models.load_pretrained(resume_from or model_path, dtype=dtype, device=info.device).train()
+    if cfg.run.activation_checkpointing:
+        checkpoint_blocks(policy)
+    if sharded:
+        shard_model(policy, mixed_precision=gpu_bf16)
+    ref_model = None
+    if cfg.loss.beta > 0 and cfg.loss.mode != "sft":
+        ref_model = models.load_pretrained(model_path, dtype=dtype, device=info.device).eval().requires_grad_(False)
+        if sharded:
+            shard_model(ref_model, mixed_precision=gpu_bf16)
+    if not sharded:
+        return policy, ref_model, lambda: policy
+    copy = WholeModel(policy, torch.bfloat16 if gpu_bf16 else dtype, info.device)
+    return policy, ref_model, lambda: copy.refresh(policy)

@@ -1,10 +1,10 @@
-"""Which examples each step trains on: deterministic, sharded, resumable; and the worked examples."""
+"""Which examples each step trains on: a deterministic order, sharded over ranks, exactly resumable."""
 
 from __future__ import annotations
 
 import numpy as np
 
-from .data import ClassificationData, DataError, Example
+from .data import DataError
 
 
 class BatchSampler:
@@ -67,35 +67,3 @@ class BatchSampler:
         if not (0 <= state["step"] < self.steps_per_epoch and state["epoch"] >= 0):
             raise DataError(f"sampler state {state} is out of range ({self.steps_per_epoch} steps per epoch)")
         self.epoch, self.step = state["epoch"], state["step"]
-
-
-def few_shot_examples(data: ClassificationData, k: int, seed: int) -> list[Example]:
-    """k worked examples for the prompt, one per label in turn (label order shuffled by seed)."""
-    return [data.examples[i] for i in _few_shot_indices(data, k, seed)]
-
-
-def split_examples(data: ClassificationData, k: int, seed: int) -> tuple[list[Example], ClassificationData]:
-    """The few-shot examples and the data without them, so that no prompt shows
-    the model the very example it is asked to classify."""
-    picked = _few_shot_indices(data, k, seed)
-    taken = set(picked)
-    rest = [e for i, e in enumerate(data.examples) if i not in taken]
-    return [data.examples[i] for i in picked], ClassificationData(rest, list(data.labels), data.skipped)
-
-
-def _few_shot_indices(data: ClassificationData, k: int, seed: int) -> list[int]:
-    if not 0 <= k <= len(data.examples):
-        raise DataError(f"cannot pick {k} few-shot examples from {len(data.examples)}")
-    rng = np.random.default_rng(seed)
-    queues: dict[str, list[int]] = {label: [] for label in data.labels}
-    for i in rng.permutation(len(data.examples)).tolist():
-        queues[data.examples[i].label].append(i)
-    # Shuffled label order: with k < number of labels, a fixed order would always
-    # show the same first labels, and the last shot's label would bias the answer.
-    order = [data.labels[j] for j in rng.permutation(len(data.labels)).tolist()]
-    picked: list[int] = []
-    while len(picked) < k:
-        for label in order:
-            if queues[label] and len(picked) < k:
-                picked.append(queues[label].pop())
-    return picked
