@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import math
 import time
-from contextlib import nullcontext
 from dataclasses import replace
 from pathlib import Path
 
@@ -35,7 +34,8 @@ from gtacore.losses import Branch, forward_backward, logprobs
 from gtacore.memory import estimate_for_run, format_estimate
 from gtacore.metrics import StepMetrics, Stopwatch, print_summary
 from gtacore.packing import RL_ROW, SFT_ROW, global_row_counts_, pack_prompts, pack_rows
-from gtacore.parallel import average_gradients, full_state_dict, grad_norm_and_health, load_models, local, reshard
+from gtacore.parallel import (average_gradients, compute_precision, full_state_dict, grad_norm_and_health, load_models,
+                              local, reshard)
 from gtacore.progress import Progress
 from gtacore.projection import apply_gradient_constraint
 from gtacore.prompts import make_prompts, print_dry_run, sft_targets
@@ -69,7 +69,7 @@ def train_step(cfg: Config, step: int, policy, rollout_model, ref_model, tok, pr
     """
     L, R, G, dev = cfg.loss, cfg.rollout, cfg.rollout.group_size, info.device
     params = [p for group in optimizer.param_groups for p in group["params"]]  # FSDP: not a module's gathered copy
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if dev.type == "cuda" else nullcontext()
+    autocast = compute_precision(cfg.model.precision, dev)  # bf16-mixed: bf16 compute, fp32 weights and grads
     clock, metrics = Stopwatch("rollout", "ref_old_logprobs", "forward_backward", "constraint", "optimizer"), StepMetrics()
     settings = L.settings(R.temperature, R.batch_size * G * R.max_new_tokens)
     prompt_rows = pack_prompts([p.ids for p in prompts], dev) if L.shared_prefix else [p.ids for p in prompts]
@@ -181,9 +181,10 @@ def run(cfg: Config, info: DistInfo) -> None:
     def run_eval(tag: str, step: int) -> dict | None:
         if not data.eval_examples:
             return None
-        report = evaluate(rollout_model(), tok, data.eval_examples, data.labels, cfg.loss.mode, data.shots,
-                          cfg.rollout.max_new_tokens, cfg.rollout.max_prompt_tokens, cfg.run.eval_batch_size,
-                          progress=cfg.run.progress and info.is_main, truncate=truncate, info=info, **prompt_style)
+        with compute_precision(cfg.model.precision, info.device):
+            report = evaluate(rollout_model(), tok, data.eval_examples, data.labels, cfg.loss.mode, data.shots,
+                              cfg.rollout.max_new_tokens, cfg.rollout.max_prompt_tokens, cfg.run.eval_batch_size,
+                              progress=cfg.run.progress and info.is_main, truncate=truncate, info=info, **prompt_style)
         if info.is_main:
             with open(out_dir / "eval.jsonl", "a") as f:
                 f.write(json.dumps({"step": step, "tag": tag, **{k: v for k, v in report.items() if k != "samples"}}) + "\n")
@@ -194,7 +195,7 @@ def run(cfg: Config, info: DistInfo) -> None:
         save_training(path, policy, model_path, optimizer, state, info)
 
     estimate = estimate_for_run(cfg, policy.config, tok, data.train.examples, data.labels, data.shots, info.world_size,
-                                info.device.type, truncate)
+                                truncate)
     if info.is_main:
         say(format_estimate(estimate, f"memory estimate per rank ({cfg.run.shard}, {info.world_size} rank(s)):"))
         out_dir.mkdir(parents=True, exist_ok=True)

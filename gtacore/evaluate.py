@@ -33,6 +33,7 @@ from models.tokenizer import Tokenizer
 from .config import Config, add_config_flags, apply_flags, bound_problems
 from .data import Example, eval_subset, load_dataset_from_args, load_run_data
 from .distributed import DistInfo, init_distributed, shutdown
+from .parallel import compute_precision
 from .metrics import classification_report, format_table, guess_answer_changes
 from .progress import Progress
 from .completions import parse_completion
@@ -138,7 +139,7 @@ FIELDS = {
     **{("rollout", n): ("--" + n.replace("_", "-"), None) for n in ("max_new_tokens", "max_prompt_tokens", "long_prompts")},
     ("run", "eval_batch_size"): ("--batch-size", None),
     ("run", "seed"): ("--seed", "seed for the worked examples and the --max-examples sample"),
-    ("model", "dtype"): ("--dtype", None),
+    ("model", "precision"): ("--precision", None),
     ("run", "device"): ("--device", None),
 }
 
@@ -199,16 +200,18 @@ def main(argv=None) -> None:
     examples, labels, shots = load_eval_set(cfg)
     info = init_distributed(cfg.run.device)  # one process, or torchrun's ranks sharing the examples
     try:
-        dtype = cfg.model.dtype
-        if args.run and cfg.run.shard == "fsdp" and info.device.type == "cuda":
-            dtype = torch.bfloat16  # train.py evaluated FSDP runs on GPUs with a bf16 whole copy (fsdp.WholeModel)
+        # bf16-true: bf16 weights, fine for inference. train.py evaluated FSDP runs with its bf16 whole
+        # copy under bf16-mixed (parallel.WholeModel).
+        fsdp_copy = cfg.model.precision == "bf16-mixed" and args.run and cfg.run.shard == "fsdp"
+        dtype = torch.bfloat16 if cfg.model.precision == "bf16-true" or fsdp_copy else torch.float32
         tok = Tokenizer(model_dir)
         tok.check_fits(models.ModelConfig.from_file(model_dir).vocab_size, model_dir)
         model = models.load_pretrained(model_dir, dtype=dtype, device=info.device)
-        report = evaluate(model, tok, examples, labels, cfg.loss.mode, shots, cfg.rollout.max_new_tokens,
-                          cfg.rollout.max_prompt_tokens, cfg.run.eval_batch_size, progress=True,
-                          truncate=cfg.rollout.long_prompts == "truncate", system_prompt=D.system_prompt,
-                          template_system_prompt=D.template_system_prompt, info=info)
+        with compute_precision(cfg.model.precision, info.device):
+            report = evaluate(model, tok, examples, labels, cfg.loss.mode, shots, cfg.rollout.max_new_tokens,
+                              cfg.rollout.max_prompt_tokens, cfg.run.eval_batch_size, progress=True,
+                              truncate=cfg.rollout.long_prompts == "truncate", system_prompt=D.system_prompt,
+                              template_system_prompt=D.template_system_prompt, info=info)
         if info.distributed:
             dist.barrier()  # gloo: a rank that leaves while its last send is in flight aborts the other
     finally:

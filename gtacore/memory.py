@@ -38,7 +38,6 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass
 
-from models import parse_dtype
 from models.config import ModelConfig
 
 from .config import add_config_flags, apply_flags, gpu_config
@@ -127,7 +126,7 @@ def estimate_memory(mc: ModelConfig, shape: StepShape, *, world: int, sharded: b
             "peak": max(load, rollout, training)}
 
 
-def estimate_for_run(cfg, model_config: ModelConfig, tok, examples, labels, shots, world: int, device_type: str,
+def estimate_for_run(cfg, model_config: ModelConfig, tok, examples, labels, shots, world: int,
                      truncate: bool) -> dict[str, float]:
     """The estimate for train.py's configuration; prompt and target lengths are measured
     on the first examples (their prompts are rendered, nothing runs)."""
@@ -137,10 +136,9 @@ def estimate_for_run(cfg, model_config: ModelConfig, tok, examples, labels, shot
     sft_tokens = 0 if mode == "grpo" else max(len(t) for t in sft_targets(tok, sample, mode)[0])
     shape = StepShape(batch=cfg.rollout.batch_size, group=cfg.rollout.group_size, prompt_tokens=max(len(p.ids) for p in sample),
                       new_tokens=cfg.rollout.max_new_tokens, sft_tokens=sft_tokens, mode=mode, reference=cfg.loss.beta > 0)
-    param_bytes = parse_dtype(cfg.model.dtype).itemsize
-    gpu = device_type == "cuda"  # bf16 autocast (DDP) or bf16 gathers (FSDP)
-    return estimate_memory(model_config, shape, world=world, sharded=cfg.run.shard == "fsdp", param_bytes=param_bytes,
-                           compute_bytes=2 if gpu else param_bytes, autocast=gpu,
+    bf16 = cfg.model.precision == "bf16-mixed"  # bf16 autocast (DDP) or bf16 gathers (FSDP); fp32 weights either way
+    return estimate_memory(model_config, shape, world=world, sharded=cfg.run.shard == "fsdp", param_bytes=4,
+                           compute_bytes=2 if bf16 else 4, autocast=bf16,
                            checkpointed=cfg.run.activation_checkpointing)
 
 

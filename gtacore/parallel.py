@@ -20,16 +20,15 @@ What each stage does with the shards:
   its backward, so the fused LM-head loss reads `model.lm_head.weight` after the
   forward (gtacore/losses.py `head_weight`). Gradients arrive reduce-scattered
   (averaged over ranks) in each parameter's `.grad` as a sharded DTensor: no
-  separate all-reduce. On GPU, weights are gathered in bf16 and gradients reduced
-  in fp32 (`MixedPrecisionPolicy`); AdamW's master weights and moments are in the
-  parameters' dtype (fp32 unless --dtype says otherwise).
+  separate all-reduce. Under bf16-mixed, weights are gathered in bf16 and gradients
+  reduced in fp32 (`MixedPrecisionPolicy`); AdamW's master weights and moments stay fp32.
 - Gradient constraint: on the local shards, with one all-reduce of the per-tensor
   dots and norms for all parameters (gtacore/projection.py), so every rank takes
   the same decision.
 - Rollout and evaluation: generation is a few hundred tiny forwards; gathering the
   blocks for each would cost hundreds of all-gathers per step. Instead the policy's
   weights are gathered once per step into a plain, unsharded `Decoder`
-  (`WholeModel`, in bf16 on GPU), which generates with the KV cache like the DDP
+  (`WholeModel`, in bf16 under bf16-mixed), which generates with the KV cache like the DDP
   path. Cost: one gather per parameter tensor per step, of shards cast to bf16
   first (the bytes of one forward's gathers, in more, smaller collectives), and
   one whole copy of the weights in the rollout dtype per GPU, held for the run:
@@ -40,10 +39,15 @@ What each stage does with the shards:
   and written in the same HF layout as DDP runs; each rank writes its own shard of
   the optimizer state (gtacore/checkpointing.py), which resumes on any number of
   ranks.
+
+Precision (`--precision`): the parameters, their gradients and AdamW's state are fp32 in
+both recipes; bf16-mixed runs every forward (and so its backward) under bf16 autocast
+(`compute_precision`). The KV cache and the LM-head loss take autocast's dtype from there.
 """
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 from functools import partial
 
@@ -202,24 +206,31 @@ class WholeModel:
         return self.model
 
 
+def compute_precision(precision: str, device: torch.device):
+    """The context every forward runs in: bf16 autocast under bf16-mixed, else nothing."""
+    if precision == "bf16-mixed":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
 def load_models(cfg, model_path, resume_from, info: DistInfo):
     """(policy, reference or None, rollout_model) placed as `cfg.run` says: activation
     checkpointing, FSDP shards. rollout_model() returns the model that generates: the policy, or
     under FSDP its whole copy, refreshed (a collective). Each model is read whole, then sharded
     before the next one is read."""
-    dtype = models.parse_dtype(cfg.model.dtype)
-    sharded, gpu_bf16 = cfg.run.shard == "fsdp", info.device.type == "cuda"
+    dtype = torch.float32  # master weights, under either recipe
+    sharded, bf16 = cfg.run.shard == "fsdp", cfg.model.precision == "bf16-mixed"
     policy = models.load_pretrained(resume_from or model_path, dtype=dtype, device=info.device).train()
     if cfg.run.activation_checkpointing:
         checkpoint_blocks(policy)
     if sharded:
-        shard_model(policy, mixed_precision=gpu_bf16)
+        shard_model(policy, mixed_precision=bf16)
     ref_model = None
     if cfg.loss.beta > 0 and cfg.loss.mode != "sft":
         ref_model = models.load_pretrained(model_path, dtype=dtype, device=info.device).eval().requires_grad_(False)
         if sharded:
-            shard_model(ref_model, mixed_precision=gpu_bf16)
+            shard_model(ref_model, mixed_precision=bf16)
     if not sharded:
         return policy, ref_model, lambda: policy
-    copy = WholeModel(policy, torch.bfloat16 if gpu_bf16 else dtype, info.device)
+    copy = WholeModel(policy, torch.bfloat16 if bf16 else dtype, info.device)
     return policy, ref_model, lambda: copy.refresh(policy)

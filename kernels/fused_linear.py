@@ -90,6 +90,17 @@ def _accumulate_grads(dlogits, hidden_chunk, weight, grad_hidden_chunk, grad_wei
             grad_weight += dlogits.T @ hidden_chunk
 
 
+def _compute_inputs(hidden, weight):
+    """(hidden, weight) in the dtype their matmul computes in: autocast's where it is on, as
+    `hidden @ weight.T` would cast them. The casts stay in the autograd graph, so the gradients
+    reach the fp32 leaves in their dtype; inside, autocast is off: the `out=` matmuls skip it."""
+    device = hidden.device.type
+    if torch.is_autocast_enabled(device):
+        dtype = torch.get_autocast_dtype(device)
+        return hidden.to(dtype), weight.to(dtype)
+    return hidden, weight
+
+
 def _check_shapes(hidden, weight, targets):
     N, D = hidden.shape if hidden.dim() == 2 else (-1, -1)
     if weight.dim() != 2 or weight.shape[1] != D or targets.shape != (N,):
@@ -207,8 +218,10 @@ def fused_linear_logprobs(
     N, D = hidden.shape
     chunk_size = chunk_size or default_chunk_size(N, weight.shape[0], D)
     mask = None if mask is None else mask.bool().contiguous()
-    return _FusedLinearLogProbs.apply(hidden, weight, targets.contiguous(), mask, float(temperature),
-                                      chunk_size, fp32_grad_weight)
+    hidden, weight = _compute_inputs(hidden, weight)
+    with torch.autocast(hidden.device.type, enabled=False):
+        return _FusedLinearLogProbs.apply(hidden, weight, targets.contiguous(), mask, float(temperature),
+                                          chunk_size, fp32_grad_weight)
 
 
 def fused_linear_gta_loss(
@@ -244,8 +257,10 @@ def fused_linear_gta_loss(
     chunk_size = chunk_size or default_chunk_size(N, weight.shape[0], D)
     sft_weight, rl_weight = gta_row_weights(row_kind, s.agg, seq_ids, s.loss_normalizer, row_counts)
     scalars = (s.eps_low, s.eps_high, s.beta, float(s.temperature), s.lambda_sft, s.lambda_rl)
-    loss, sft_loss, rl_loss, *stats = _FusedLinearGTALoss.apply(
-        hidden, weight, targets.contiguous(), row_kind, old_logprobs, advantages, ref_logprobs,
-        sft_weight, rl_weight, scalars, chunk_size, fp32_grad_weight, torch.is_grad_enabled(),
-    )
+    hidden, weight = _compute_inputs(hidden, weight)
+    with torch.autocast(hidden.device.type, enabled=False):
+        loss, sft_loss, rl_loss, *stats = _FusedLinearGTALoss.apply(
+            hidden, weight, targets.contiguous(), row_kind, old_logprobs, advantages, ref_logprobs,
+            sft_weight, rl_weight, scalars, chunk_size, fp32_grad_weight, torch.is_grad_enabled(),
+        )
     return FusedGTALoss(loss, sft_loss, rl_loss, dict(zip(STAT_NAMES, stats)))

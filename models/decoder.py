@@ -59,8 +59,8 @@ class KVCache:
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
         """Write k/v [B, Hkv, Tq, Dh] at `slots`; return all cached k/v [B, Hkv, kv_len, Dh]."""
-        self.k[layer].index_copy_(2, self.slots, k)
-        self.v[layer].index_copy_(2, self.slots, v)
+        self.k[layer].index_copy_(2, self.slots, k.to(self.k.dtype))
+        self.v[layer].index_copy_(2, self.slots, v.to(self.v.dtype))
         return self.k[layer, :, :, : self.kv_len], self.v[layer, :, :, : self.kv_len]
 
     def repeat_rows(self, repeats: int) -> "KVCache":
@@ -100,7 +100,9 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         # [B, T, H, Dh] -> [B, H, T, Dh]
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        # v is in the compute dtype (autocast's, else the weights'); RoPE and Qwen3's norms in fp32
+        # would leave q, k in fp32 beside it.
+        q, k = apply_rope(q, cos, sin).to(v.dtype), apply_rope(k, cos, sin).to(v.dtype)
         new_kv = (k, v)
         if cache is not None:
             k, v = cache.update(self.layer, k, v)

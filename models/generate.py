@@ -5,7 +5,8 @@
     decode_one_token:  one token for every row, its k/v written at slot P+s -> logits [N, V]
     generate:          the loop: sample, record, decode; now and then, check for the end
 
-The cache holds P + Tn slots, allocated before the loop (B rows, then their N copies);
+The cache holds P + Tn slots in the compute dtype (bf16 under bf16 autocast), allocated before
+the loop (B rows, then their N copies);
 a decode step allocates no cache memory and makes no host-device sync. Whether every
 row has finished (and stop strings, which need the text) is checked every `check_every` steps.
 
@@ -68,6 +69,13 @@ def sample_tokens(logits: torch.Tensor, temperature: float, top_p: float = 1.0, 
     probs = logits.softmax(dim=-1)
     race = torch.empty_like(probs).exponential_(1.0, generator=generator)
     return (probs / race).argmax(dim=-1)
+
+
+def compute_dtype(weight: torch.Tensor) -> torch.dtype:
+    """The dtype a forward computes in: autocast's where it is on (bf16-mixed), else the weights'."""
+    if torch.is_autocast_enabled(weight.device.type):
+        return torch.get_autocast_dtype(weight.device.type)
+    return weight.dtype
 
 
 def left_pad(prompts: Sequence[Sequence[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -134,7 +142,7 @@ def generate(
     ids, valid = left_pad(prompts, pad_id, device)  # [B, P]
     B, P = ids.shape
     N = B * G
-    cache = KVCache(model.config, B, P + Tn, model.lm_head.weight.dtype, device)
+    cache = KVCache(model.config, B, P + Tn, compute_dtype(model.lm_head.weight), device)
     logits = prefill(model, ids, valid, cache)  # [B, V]
 
     # Each prompt's cache row now serves its G samples.
