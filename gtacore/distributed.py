@@ -5,6 +5,7 @@ torchrun sets RANK/WORLD_SIZE/LOCAL_RANK; we then use NCCL on GPUs and gloo on C
 
 from __future__ import annotations
 
+import gc
 import os
 from dataclasses import dataclass
 from datetime import timedelta
@@ -57,6 +58,10 @@ def init_distributed(device: str | None = None, timeout_s: float = 600.0, need_g
 
 def shutdown(info: DistInfo) -> None:
     if dist.is_initialized():
+        # Free what still refers to the group (FSDP modules and their device mesh sit in reference
+        # cycles) while it is alive: a gloo group destroyed later, at interpreter exit, can abort
+        # the process ("terminate called without an active exception") after all work is saved.
+        gc.collect()
         dist.destroy_process_group()
 
 
