@@ -32,7 +32,7 @@ from gtacore.distributed import DistInfo, init_distributed, shutdown
 from gtacore.evaluate import evaluate
 from gtacore.losses import Branch, forward_backward, logprobs
 from gtacore.memory import estimate_for_run, format_estimate
-from gtacore.metrics import StepMetrics, Stopwatch, print_summary
+from gtacore.metrics import CollapseWatch, StepMetrics, Stopwatch, print_summary
 from gtacore.packing import RL_ROW, SFT_ROW, global_row_counts_, pack_prompts, pack_rows
 from gtacore.parallel import (average_gradients, compute_precision, full_state_dict, grad_norm_and_health, load_models,
                               local, reshard)
@@ -88,7 +88,7 @@ def train_step(cfg: Config, step: int, policy, rollout_model, ref_model, tok, pr
                             advantages.tolist(), dev)
         rl = Branch(rl_rows, settings)
         branches.append(rl)
-        metrics.rollout(rewards, parsed, golds, ro.num_tokens, clock.seconds["rollout"], L.mode)
+        metrics.rollout(rewards, parsed, golds, labels, ro.num_tokens, clock.seconds["rollout"], L.mode)
     global_row_counts_([b.rows for b in branches], info)  # the loss means are over the global batch
     with clock("ref_old_logprobs"), autocast:
         if L.mode != "sft" and L.beta > 0:
@@ -207,6 +207,7 @@ def run(cfg: Config, info: DistInfo) -> None:
 
     # --- loop ---
     bar = Progress(cfg.optim.max_steps - start_step, "train", enabled=cfg.run.progress and info.is_main)
+    collapse = CollapseWatch(cfg.run.collapse_share, cfg.run.collapse_steps)
     for step in range(start_step, cfg.optim.max_steps):
         t0 = time.perf_counter()
         prompts = prompts_for([data.train.examples[i] for i in sampler.next_batch()])
@@ -217,7 +218,11 @@ def run(cfg: Config, info: DistInfo) -> None:
         if info.is_main:
             with open(out_dir / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(metrics) + "\n")
-        bar.update(1, **{k: metrics[k] for k in ("reward_mean", "sft_loss", "rl_loss") if metrics.get(k) is not None})
+        warning = collapse.update(metrics)
+        bar.update(1, **{k: metrics[k] for k in ("reward_mean", "sft_loss", "rl_loss") if metrics.get(k) is not None},
+                   **({"collapse": collapse.label} if warning else {}))
+        if warning:
+            say(f"\nstep {step + 1}: {warning}")
         if metrics["skipped"]:
             say(f"\nstep {step + 1}: non-finite loss or gradient; update skipped ({bad_steps} in a row)")
             if bad_steps >= cfg.optim.max_bad_steps:

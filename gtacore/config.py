@@ -115,6 +115,9 @@ class RunArgs:
     shard: str = opt("ddp", "ddp: every rank holds the whole model and optimizer; fsdp: FSDP2 shards them per block", ("ddp", "fsdp"))
     dist_timeout: float = opt(1800.0, "seconds a collective may wait for the other ranks before the run fails; keep it above a checkpoint write, which the other ranks wait for", low=0, above=True)
     progress: bool = opt(True, "show a progress bar on rank 0")
+    collapse_share: float = opt(0.8, "warn (on the progress line and in the log) when one label takes more than this "
+                                "share of a step's answers...", low=0, above=True)
+    collapse_steps: int = opt(3, "...for this many steps in a row (0 = never warn)", **NONNEGATIVE)
     dry_run: bool = opt(False, "print the first training prompt exactly as the model receives it (special tokens included), the SFT target and the label set, then exit without loading the weights")
 
 
@@ -207,6 +210,8 @@ def config_problems(cfg: Config) -> list[str]:
     nothing: the bounds, and the combinations that would run but train nothing or fail later."""
     problems = bound_problems(cfg)
     L, R = cfg.loss, cfg.rollout
+    if cfg.run.collapse_share >= 1:
+        problems.append(f"--collapse-share must be < 1 (a share above it would never be reached), got {cfg.run.collapse_share}")
     if R.top_p > 1:
         problems.append(f"--top-p must be <= 1, got {R.top_p}")
     if L.eps_low >= 1:

@@ -1,4 +1,5 @@
-"""Greedy evaluation: accuracy, weighted/macro F1, format rate, guess accuracy, guess->answer changes.
+"""Greedy evaluation: accuracy, weighted/macro F1, per-class recall, format rate, guess accuracy,
+guess->answer changes, and how the predictions spread over the labels (label collapse).
 
     python -m gtacore.evaluate --model DIR --data test.jsonl --train-data train.jsonl [--mode gta] [--shots 1]
     python -m gtacore.evaluate --run RUN_DIR        # a train.py run's "after" evaluation, again
@@ -34,7 +35,7 @@ from .config import Config, add_config_flags, apply_flags, bound_problems
 from .data import Example, eval_subset, load_dataset_from_args, load_run_data
 from .distributed import DistInfo, init_distributed, shutdown
 from .parallel import compute_precision
-from .metrics import classification_report, format_table, guess_answer_changes
+from .metrics import classification_report, format_table, guess_answer_changes, label_counts, label_distribution
 from .progress import Progress
 from .completions import parse_completion
 from .prompts import make_prompts
@@ -106,8 +107,11 @@ def score(predictions: list[Prediction], data: list[Example], labels: list[str],
     report = classification_report(golds, answers, labels)
     report["format_rate"] = sum(p.format_ok for p in predictions) / max(len(predictions), 1)
     report["truncated_prompts"] = sum(p.truncated for p in predictions)
+    report |= label_distribution("answer", label_counts(answers, labels))
+    report |= {f"recall/{label}": s["recall"] for label, s in report["per_class"].items()}
     if mode == "gta":
         guesses = [p.guess for p in predictions]
+        report |= label_distribution("guess", label_counts(guesses, labels))
         report["guess_accuracy"] = sum(g == y for g, y in zip(guesses, golds)) / max(len(golds), 1)
         report["guess_answer_changes"] = guess_answer_changes(golds, guesses, answers)
     report["samples"] = [{"text": ex.text, "gold": p.gold, "completion": p.completion}

@@ -104,6 +104,57 @@ def guess_answer_changes(gold: list[str], guess: list[str | None], answer: list[
     return out
 
 
+def label_distribution(kind: str, counts: dict[str, float]) -> dict[str, float | None]:
+    """Label collapse at a glance, from counts {label: n} of the predictions that name a label:
+    f"{kind}_share/{label}" (each label's share of them), f"{kind}_label_entropy" (natural log;
+    0 when one label takes everything, log C when C labels share equally) and
+    f"majority_{kind}_share" (the largest share). For answers the last is `majority_label_share`.
+    With no prediction naming a label, every share is 0 and the last two are left out."""
+    total = sum(counts.values())
+    shares = {label: _div(n, total) for label, n in counts.items()}
+    out: dict[str, float | None] = {f"{kind}_share/{label}": share for label, share in shares.items()}
+    if total:
+        out[f"{kind}_label_entropy"] = -sum(p * math.log(p) for p in shares.values() if p > 0)
+        out["majority_label_share" if kind == "answer" else f"majority_{kind}_share"] = max(shares.values())
+    return out
+
+
+def label_counts(predictions: list[str | None], labels: list[str]) -> dict[str, int]:
+    """{label: how many predictions name it}, in label-set order; invalid predictions are left out."""
+    return {label: sum(p == label for p in predictions) for label in labels}
+
+
+def majority(report: dict, kind: str = "answer") -> tuple[str | None, float]:
+    """The label with the largest f"{kind}_share/..." in a metrics dict, and its share."""
+    prefix = f"{kind}_share/"
+    shares = {k[len(prefix):]: v for k, v in report.items() if k.startswith(prefix) and v is not None}
+    if not shares:
+        return None, 0.0
+    label = max(shares, key=shares.get)
+    return label, shares[label]
+
+
+class CollapseWatch:
+    """Warns while one label takes more than `share` of the answers for `steps` steps in a row.
+    The mean reward can rise while a policy collapses onto one label (it learns the format), so
+    this watches the answers themselves."""
+
+    def __init__(self, share: float, steps: int):
+        self.share, self.steps, self.label, self.run = share, steps, None, 0
+
+    def update(self, metrics: dict) -> str | None:
+        """A step's metrics -> a warning naming the label, or None."""
+        label, share = majority(metrics)
+        over = label is not None and share > self.share
+        self.run = self.run + 1 if over and label == self.label else int(over)
+        self.label = label if over else None
+        if not self.steps or self.run < self.steps:
+            return None
+        gold = metrics.get(f"gold_share/{label}") or 0.0
+        return (f"label collapse? '{label}' took {share:.0%} of the answers for {self.run} steps in a row "
+                f"(its gold share this step: {gold:.0%})")
+
+
 def format_table(report: dict) -> str:
     """A plain-text rendering of classification_report's output."""
     labels = report["confusion"]["rows"]
@@ -166,14 +217,25 @@ class StepMetrics:
     def add(self, **values) -> None:
         self.values.update(values)
 
-    def rollout(self, rewards: torch.Tensor, parsed: list, golds: list[str], num_tokens: int, seconds: float, mode: str) -> None:
+    def rollout(self, rewards: torch.Tensor, parsed: list, golds: list[str], labels: list[str], num_tokens: int,
+                seconds: float, mode: str) -> None:
         n = len(golds)
+        self.labels(parsed, golds, labels, mode)
         self.add(reward_mean=rewards.mean(), reward_std=rewards.std() if n > 1 else torch.tensor(0.0),
                  format_rate=sum(p.format_ok for p in parsed) / n,
                  train_accuracy=sum(p.answer == y for p, y in zip(parsed, golds)) / n,
                  completion_length=num_tokens / n, rollout_tokens_per_s=num_tokens / max(seconds, 1e-9))
         if mode == "gta":
             self.add(guess_accuracy=sum(p.guess == y for p, y in zip(parsed, golds)) / n)
+
+    def labels(self, parsed: list, golds: list[str], labels: list[str], mode: str) -> None:
+        """The step's label counts (answers, gta guesses, and the gold labels of the same
+        rollouts); `reduce` turns the global counts into shares, entropies and majority shares."""
+        kinds = {"answer": [p.answer for p in parsed], "gold": golds}
+        if mode == "gta":
+            kinds["guess"] = [p.guess for p in parsed]
+        for kind, values in kinds.items():
+            self.add(**{f"{kind}_count/{label}": n for label, n in label_counts(values, labels).items()})
 
     def losses(self, sft, rl) -> None:
         """From the SFT and RL branches' FusedGTALoss (None where the mode has none)."""
@@ -199,6 +261,11 @@ class StepMetrics:
             values /= info.world_size
         sums, counts = values.view(-1, 2).unbind(1)  # [len(names)] each
         out = {k: v / c if c > 0 and math.isfinite(v / c) else None for k, v, c in zip(names, sums.tolist(), counts.tolist())}
+        for kind in ("answer", "guess", "gold"):  # rank means of counts: the global distribution, scaled
+            prefix = f"{kind}_count/"
+            counts_ = {k[len(prefix):]: out.pop(k) for k in [k for k in out if k.startswith(prefix)]}
+            if counts_:
+                out |= label_distribution(kind, counts_)
         return out | {"peak_memory_gb": peak_memory_gb(info.device)}
 
 
@@ -212,6 +279,10 @@ def print_summary(before: dict | None, after: dict | None, out_dir: Path, title:
             for k in ("accuracy", "weighted_f1", "format_rate", "guess_accuracy"):
                 if k in after:
                     print(f"{k:<16}{before.get(k, float('nan')):>10.3f}{after[k]:>10.3f}")
+            print("recall per class")  # a collapsed model has recall 1 on one class and 0 on the rest
+            for label, s in after["per_class"].items():
+                print(f"  {label:<14}{before['per_class'][label]['recall']:>10.3f}{s['recall']:>10.3f}")
+            print(f"{'majority share':<16}{before.get('majority_label_share', 0):>10.3f}{after.get('majority_label_share', 0):>10.3f}")
     try:
         from .plot import plot_runs
 

@@ -1,4 +1,5 @@
-"""Plot one or several runs' curves on shared axes: reward and format rate per step, eval accuracy.
+"""Plot one or several runs' curves on shared axes: reward and format rate per step, eval accuracy,
+the majority label's share of the answers, and the first run's answer labels over steps.
 
     python -m gtacore.plot runs/gta [runs/grpo runs/sft ...] [--out curves.png]
 
@@ -26,8 +27,9 @@ def plot_runs(run_dirs: list[str | Path], out: str | Path, title: str = "") -> P
         import matplotlib.pyplot as plt
     except ImportError as e:
         raise SystemExit("plotting needs matplotlib: pip install matplotlib") from e
-    panels = [("reward_mean", "train reward (mean)"), ("format_rate", "train format rate"), ("accuracy", "eval accuracy")]
-    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.6))
+    panels = [("reward_mean", "train reward (mean)"), ("format_rate", "train format rate"), ("accuracy", "eval accuracy"),
+              ("majority_label_share", "train majority label share")]
+    fig, axes = plt.subplots(1, len(panels) + 1, figsize=(5 * (len(panels) + 1), 3.6))
     for i, run in enumerate(map(Path, run_dirs)):
         label, color = run.name, f"C{i}"  # one color per run on every panel
         metrics = read_jsonl(run / "metrics.jsonl")
@@ -41,7 +43,8 @@ def plot_runs(run_dirs: list[str | Path], out: str | Path, title: str = "") -> P
             ax.set_title(name)
             ax.set_xlabel("step")
             ax.grid(alpha=0.3)
-    handles = {label: h for ax in axes for h, label in zip(*ax.get_legend_handles_labels())}
+    _label_shares(axes[-1], Path(run_dirs[0]))
+    handles = {label: h for ax in axes[:-1] for h, label in zip(*ax.get_legend_handles_labels())}
     if handles:  # one legend for the figure: a run may be missing from some panels (sft has no reward)
         fig.legend(handles.values(), handles.keys(), loc="upper right")
     if title:
@@ -51,6 +54,19 @@ def plot_runs(run_dirs: list[str | Path], out: str | Path, title: str = "") -> P
     fig.savefig(out, dpi=120)
     plt.close(fig)
     return out
+
+
+def _label_shares(ax, run: Path) -> None:
+    """Stacked shares of each answer label per step (label collapse: one band fills the panel)."""
+    rows = [r for r in read_jsonl(run / "metrics.jsonl") if any(k.startswith("answer_share/") for k in r)]
+    labels = sorted({k.split("/", 1)[1] for r in rows for k in r if k.startswith("answer_share/")})
+    if rows:
+        ax.stackplot([r["step"] for r in rows], [[r.get(f"answer_share/{c}") or 0.0 for r in rows] for c in labels],
+                     labels=labels)
+        ax.legend(fontsize="small", loc="lower left")
+    ax.set_title(f"answer labels, {run.name}")
+    ax.set_xlabel("step")
+    ax.set_ylim(0, 1)
 
 
 def main(argv=None) -> None:
