@@ -36,6 +36,7 @@ class SamplingParams:
     num_samples: int = 1  # G completions per prompt
     stop_strings: tuple[str, ...] = ()
     check_every: int = 8  # steps between host checks (all finished? stop strings?)
+    cuda_graph: bool = False  # on CUDA, replay the decode step as a captured CUDA graph
 
 
 @dataclass
@@ -109,8 +110,9 @@ def decode_one_token(model: Decoder, token: torch.Tensor, positions: torch.Tenso
     """One step for every row: token [N, 1] long at positions [N, 1] -> next logits [N, V] float32.
 
     Writes k/v at `cache.slots` ([1] long) and attends to the first `cache.kv_len` slots
-    where key_valid [N, S] is True. No host sync, no branch on tensor values: the unit a
-    CUDA graph or torch.compile would capture (only kv_len, an int, still varies).
+    where key_valid [N, S] is True. No host sync, no branch on tensor values. `generate` keeps
+    kv_len at the whole cache and marks written slots in key_valid, so every step has the
+    same shapes and reads the same buffers: the unit a CUDA graph captures.
     """
     spec = AttnSpec("mask", key_valid[:, None, None, : cache.kv_len])  # [N, 1, 1, kv_len]
     hidden = model.hidden_states(token, positions, spec, cache)  # [N, 1, D]
@@ -145,13 +147,18 @@ def generate(
     cache = KVCache(model.config, B, P + Tn, compute_dtype(model.lm_head.weight), device)
     logits = prefill(model, ids, valid, cache)  # [B, V]
 
-    # Each prompt's cache row now serves its G samples.
+    # Each prompt's cache row now serves its G samples. The decode step's inputs are buffers
+    # updated in place (token, positions, slot, key_valid) and it attends to all P + Tn slots,
+    # the unwritten ones masked: one shape for every step.
     cache = cache.repeat_rows(G)
+    cache.kv_len = P + Tn
     logits = logits.repeat_interleave(G, dim=0)  # [N, V]
-    key_valid = torch.ones(N, P + Tn, dtype=torch.bool, device=device)  # [N, S]
+    key_valid = torch.zeros(N, P + Tn, dtype=torch.bool, device=device)  # [N, S]: slots written so far
     key_valid[:, :P] = valid.repeat_interleave(G, dim=0)
     positions = valid.sum(-1).repeat_interleave(G)[:, None]  # [N, 1]: the next token's position
     cache.slots = torch.zeros(1, dtype=torch.long, device=device)  # [1]: the next token's slot
+    token = torch.zeros(N, 1, dtype=torch.long, device=device)  # [N, 1]: the token being decoded
+    step = _decode_step(model, token, positions, key_valid, cache, params.cuda_graph)
     stop_ids = torch.as_tensor(list(stop_token_ids), dtype=torch.long, device=device)
 
     tokens = torch.full((N, Tn), pad_id, dtype=torch.long, device=device)
@@ -178,14 +185,47 @@ def generate(
             if bool(finished.all()):
                 break
         cache.slots.fill_(P + s)
-        cache.kv_len = P + s + 1
-        logits = decode_one_token(model, tokens[:, s : s + 1], positions, key_valid, cache)  # [N, V]
+        key_valid.index_fill_(1, cache.slots, True)
+        token.copy_(tokens[:, s : s + 1])
+        logits = step()  # [N, V]
         positions += 1
     if params.stop_strings:
         _apply_stop_strings(tokens, gen_mask, logprobs, finished, steps, params.stop_strings, decode, pad_id)
     prompt_index = torch.arange(B, device=device).repeat_interleave(G)
     logprobs = logprobs[:, :steps] if with_logprobs else None
     return Generation(tokens[:, :steps], gen_mask[:, :steps], logprobs, prompt_index, finished)
+
+
+def _decode_step(model, token, positions, key_valid, cache, cuda_graph: bool) -> Callable[[], torch.Tensor]:
+    """The decode step over generate's buffers: eager, or on CUDA a captured graph replayed.
+
+    A graph replays the kernels it recorded on the same memory, so it needs the static step and
+    weights already in the compute dtype: under autocast with fp32 weights it would record the
+    weight casts too (three times the weight bytes per step), so that case stays eager."""
+    def eager():
+        return decode_one_token(model, token, positions, key_valid, cache)
+
+    weight = model.lm_head.weight
+    if not (cuda_graph and weight.is_cuda and compute_dtype(weight) == weight.dtype):
+        return eager
+    captured = []  # (graph, its logits buffer), made at the first step, when the buffers hold real inputs
+
+    def replay():
+        if not captured:
+            side = torch.cuda.Stream()  # warm up (allocator, kernel choices) off the capture stream
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                for _ in range(2):
+                    eager()  # writes this step's k/v into its slot: the replay writes the same
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                captured.append((graph, eager()))
+        graph, logits = captured[0]
+        graph.replay()
+        return logits
+
+    return replay
 
 
 def _apply_stop_strings(tokens, gen_mask, logprobs, finished, steps, stop_strings, decode, pad_id) -> None:

@@ -134,3 +134,39 @@ def test_sampler_frequencies_follow_filtered_distribution():
     topp = torch.bincount(sample_tokens(logits, 1.0, top_p=0.8, generator=g), minlength=5).float() / 20000
     assert topp[2:].sum() == 0 and topp[1] > 0.2
     assert (sample_tokens(logits[:3], 0.0) == 0).all()
+
+
+def _dynamic_generate(model, prompts, params, generator):
+    """The decode loop as it was before the static step: each step attends to the slots written
+    so far (kv_len grows), the cache sliced to them. Sampling draws in the same order."""
+    ids, valid = left_pad(prompts, 0, "cpu")
+    (B, P), G, Tn = ids.shape, params.num_samples, params.max_new_tokens
+    cache = KVCache(model.config, B, P + Tn, model.lm_head.weight.dtype, "cpu")
+    with torch.no_grad():
+        logits = prefill(model, ids, valid, cache).repeat_interleave(G, dim=0)
+        cache = cache.repeat_rows(G)
+        key_valid = torch.cat([valid.repeat_interleave(G, dim=0), torch.ones(B * G, Tn, dtype=torch.bool)], dim=1)
+        positions = valid.sum(-1).repeat_interleave(G)[:, None]
+        cache.slots = torch.zeros(1, dtype=torch.long)
+        tokens, logprobs = [], []
+        for s in range(Tn):
+            tok = sample_tokens(logits, params.temperature, params.top_p, params.top_k, generator)
+            tokens.append(tok)
+            logprobs.append(torch.log_softmax(logits / params.temperature, -1).gather(-1, tok[:, None])[:, 0])
+            if s == Tn - 1:
+                break
+            cache.slots.fill_(P + s)
+            cache.kv_len = P + s + 1
+            logits = decode_one_token(model, tok[:, None], positions, key_valid, cache)
+            positions = positions + 1
+    return torch.stack(tokens, 1), torch.stack(logprobs, 1)
+
+
+@pytest.mark.parametrize("cuda_graph", [False, True])  # on CPU the flag falls back to the eager step
+def test_static_decode_equals_the_dynamic_decode(model, cuda_graph):
+    prompts = _prompts(model.config.vocab_size, [6, 3, 10], seed=7)
+    params = SamplingParams(max_new_tokens=10, temperature=1.0, num_samples=3, cuda_graph=cuda_graph)
+    out = generate(model, prompts, params, [], 0, generator=torch.Generator().manual_seed(3))
+    tokens, logprobs = _dynamic_generate(model, prompts, params, torch.Generator().manual_seed(3))
+    assert torch.equal(out.tokens, tokens)
+    torch.testing.assert_close(out.logprobs, logprobs, atol=1e-5, rtol=0)
