@@ -6,12 +6,13 @@ matmul in the hidden dtype, fed to the selective-logprobs kernels, and freed.
 
 fused_linear_gta_loss: the loss is a scalar and, once the per-row weights (row counts per kind
 and per sequence) are known, which they are before the loop, dL/dlogp_i depends on row i alone.
-So the forward computes the gradient as it goes: per chunk, forward kernel -> logp_c ->
-dL/dlogp_c (autograd on the [C] vector, through the same `gta_row_losses` as the unfused loss)
--> backward kernel writes dL/dlogits_c over logits_c in place -> grad_hidden_c = dlogits_c @ W and
-grad_weight += dlogits_c^T @ hidden_c. The backward only scales the saved grads by the scalar
-grad_output. Three matmuls of 2*C*V*D FLOPs per chunk, like the unfused forward + backward;
-each chunk's logits are written once, read twice and overwritten once.
+So the forward computes the gradient as it goes: per chunk, forward kernel -> logp_c -> losses
+through the same `gta_row_losses` as the unfused loss, and dL/dlogp_c [C] from its closed form
+`gta_row_loss_grad` (autograd is off inside a custom op) -> backward kernel writes dL/dlogits_c
+over logits_c in place -> grad_hidden_c = dlogits_c @ W and grad_weight += dlogits_c^T @ hidden_c.
+The backward only scales the saved grads by the scalar grad_output. Three matmuls of 2*C*V*D
+FLOPs per chunk, like the unfused forward + backward; each chunk's logits are written once, read
+twice and overwritten once.
 
 fused_linear_logprobs: the output is a vector [N] and its grad_output, unknown in the forward, is
 per row. The forward keeps only lse [N]; the backward recomputes each chunk's logits (a fourth
@@ -25,14 +26,45 @@ weight dtype instead (2*V*D bytes for bf16, rounded once per chunk). In fp32 mod
 product is rounded to the weight dtype once before the fp32 sum, so the error does not grow with
 the number of chunks (it costs a transient [V, D] product per chunk; CUDA's fp32-output matmul
 would avoid it but has no CPU kernel). grad_hidden [N, D] is in the hidden dtype.
+
+Custom ops (as in `kernels.selective_logprobs`): each chunk loop is one torch.library op with a
+fake implementation, so torch.compile keeps the loss in one graph and FakeTensorMode runs it:
+
+    gtacore::fused_linear_logprobs_fwd(Tensor hidden, Tensor weight, Tensor targets, Tensor? mask,
+        float temperature, SymInt chunk_size, bool fp32_grad_weight) -> (Tensor logprobs, Tensor lse)
+    gtacore::fused_linear_logprobs_bwd(Tensor dlogprobs, Tensor hidden, Tensor weight,
+        Tensor targets, Tensor? mask, Tensor lse, float temperature, SymInt chunk_size,
+        bool fp32_grad_weight, bool need_grad_hidden, bool need_grad_weight)
+        -> (Tensor grad_hidden, Tensor grad_weight)
+    gtacore::fused_linear_gta_loss(Tensor hidden, Tensor weight, Tensor targets, Tensor row_kind,
+        Tensor old_logprobs, Tensor advantages, Tensor? ref_logprobs, Tensor sft_weight,
+        Tensor rl_weight, float eps_low, float eps_high, float beta, float temperature,
+        float lambda_sft, float lambda_rl, SymInt chunk_size, bool fp32_grad_weight,
+        bool need_grad_hidden, bool need_grad_weight) -> (Tensor loss, Tensor sft_loss,
+        Tensor rl_loss, Tensor ratio, Tensor clipped, Tensor kl, Tensor entropy, Tensor logprobs,
+        Tensor grad_hidden, Tensor grad_weight)
+
+A gradient that is not asked for comes back as an empty tensor ([0]): an op cannot return None.
+The ops see hidden and weight in one dtype: the public functions cast them (autocast's dtype, in
+the autograd graph) and call the op with autocast off, so its matmuls run in that dtype.
 """
 
 from typing import NamedTuple
 
 import torch
+from torch import Tensor
 
-from kernels.gta_loss import IGNORE, LossSettings, RowCounts, gta_loss_reference, gta_row_losses, gta_row_weights
+from kernels.gta_loss import (
+    IGNORE,
+    LossSettings,
+    RowCounts,
+    gta_loss_reference,
+    gta_row_loss_grad,
+    gta_row_losses,
+    gta_row_weights,
+)
 from kernels.selective_logprobs import (
+    OPS_NAMESPACE,
     _new_output,
     _rows_backward,
     _rows_forward,
@@ -72,12 +104,22 @@ def default_chunk_size(N: int, V: int, D: int) -> int:
 
 
 def _new_grads(hidden, weight, need_hidden, need_weight, fp32_grad_weight):
+    """(grad_hidden, grad_weight) buffers; None where not needed. grad_weight is accumulated."""
     grad_hidden = torch.empty(hidden.shape, dtype=hidden.dtype, device=hidden.device) if need_hidden else None
     grad_weight = None
     if need_weight:
-        dtype = torch.float32 if fp32_grad_weight else weight.dtype
+        dtype = _grad_weight_dtype(weight, fp32_grad_weight)
         grad_weight = torch.zeros(weight.shape, dtype=dtype, device=weight.device)
     return grad_hidden, grad_weight
+
+
+def _grad_weight_dtype(weight, fp32_grad_weight):
+    return torch.float32 if fp32_grad_weight else weight.dtype
+
+
+def _or_empty(grad, like):
+    """An op's output for a gradient: the tensor, or an empty one where it was not computed."""
+    return like.new_empty(0) if grad is None else grad
 
 
 def _accumulate_grads(dlogits, hidden_chunk, weight, grad_hidden_chunk, grad_weight):
@@ -108,92 +150,168 @@ def _check_shapes(hidden, weight, targets):
                          f"{weight.shape}, {targets.shape}")
 
 
-class _FusedLinearLogProbs(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, hidden, weight, targets, mask, temperature, chunk_size, fp32_grad_weight):
-        N = hidden.shape[0]
-        logprobs = _new_output((N,), torch.float32, hidden.device)
-        lse = _new_output((N,), torch.float32, hidden.device)
-        for start in range(0, N, chunk_size):
-            rows = slice(start, min(start + chunk_size, N))
-            logits = hidden[rows] @ weight.T  # [C, V]
-            chunk_mask = None if mask is None else mask[rows]
-            logprobs[rows], lse[rows], _ = _rows_forward(logits, targets[rows], chunk_mask, temperature, False)
-            del logits  # before the next chunk's matmul: one chunk of logits alive at a time
-        ctx.save_for_backward(hidden, weight, targets, mask, lse)
-        ctx.temperature, ctx.chunk_size, ctx.fp32_grad_weight = temperature, chunk_size, fp32_grad_weight
-        return logprobs
+# ----------------------------------------------------------------------------------------------
+# fused_linear_logprobs as two ops: the forward keeps lse [N]; the backward recomputes the logits.
 
-    @staticmethod
-    def backward(ctx, dlogprobs):
-        hidden, weight, targets, mask, lse = ctx.saved_tensors
-        need_hidden, need_weight = ctx.needs_input_grad[:2]
-        grad_hidden, grad_weight = _new_grads(hidden, weight, need_hidden, need_weight, ctx.fp32_grad_weight)
-        N, chunk_size = hidden.shape[0], ctx.chunk_size
-        for start in range(0, N, chunk_size):
-            rows = slice(start, min(start + chunk_size, N))
-            logits = hidden[rows] @ weight.T  # [C, V], recomputed
-            chunk_mask = None if mask is None else mask[rows]
-            _rows_backward(logits, targets[rows], chunk_mask, lse[rows], dlogprobs[rows], ctx.temperature, logits)
+
+@torch.library.custom_op(f"{OPS_NAMESPACE}::fused_linear_logprobs_fwd", mutates_args=())
+def fused_linear_logprobs_fwd(
+    hidden: Tensor, weight: Tensor, targets: Tensor, mask: Tensor | None, temperature: float, chunk_size: int,
+    fp32_grad_weight: bool,
+) -> tuple[Tensor, Tensor]:
+    """(logprobs, lse), fp32 [N] each. chunk_size and fp32_grad_weight are for the backward."""
+    N = hidden.shape[0]
+    logprobs = _new_output((N,), torch.float32, hidden.device)
+    lse = _new_output((N,), torch.float32, hidden.device)
+    for start in range(0, N, chunk_size):
+        rows = slice(start, min(start + chunk_size, N))
+        logits = hidden[rows] @ weight.T  # [C, V]
+        chunk_mask = None if mask is None else mask[rows]
+        logprobs[rows], lse[rows], _ = _rows_forward(logits, targets[rows], chunk_mask, temperature, False)
+        del logits  # before the next chunk's matmul: one chunk of logits alive at a time
+    return logprobs, lse
+
+
+@fused_linear_logprobs_fwd.register_fake
+def _(hidden, weight, targets, mask, temperature, chunk_size, fp32_grad_weight):
+    N = hidden.shape[0]
+    return hidden.new_empty(N, dtype=torch.float32), hidden.new_empty(N, dtype=torch.float32)
+
+
+@torch.library.custom_op(f"{OPS_NAMESPACE}::fused_linear_logprobs_bwd", mutates_args=())
+def fused_linear_logprobs_bwd(
+    dlogprobs: Tensor, hidden: Tensor, weight: Tensor, targets: Tensor, mask: Tensor | None, lse: Tensor,
+    temperature: float, chunk_size: int, fp32_grad_weight: bool, need_grad_hidden: bool, need_grad_weight: bool,
+) -> tuple[Tensor, Tensor]:
+    """(grad_hidden [N, D] hidden dtype, grad_weight [V, D] weight dtype), each empty if not needed."""
+    grad_hidden, grad_weight = _new_grads(hidden, weight, need_grad_hidden, need_grad_weight, fp32_grad_weight)
+    N = hidden.shape[0]
+    for start in range(0, N, chunk_size):
+        rows = slice(start, min(start + chunk_size, N))
+        logits = hidden[rows] @ weight.T  # [C, V], recomputed
+        chunk_mask = None if mask is None else mask[rows]
+        _rows_backward(logits, targets[rows], chunk_mask, lse[rows], dlogprobs[rows], temperature, logits)
+        _accumulate_grads(logits, hidden[rows], weight,
+                          None if grad_hidden is None else grad_hidden[rows], grad_weight)
+        del logits
+    if grad_weight is not None:
+        grad_weight = grad_weight.to(weight.dtype)
+    return _or_empty(grad_hidden, hidden), _or_empty(grad_weight, weight)
+
+
+@fused_linear_logprobs_bwd.register_fake
+def _(dlogprobs, hidden, weight, targets, mask, lse, temperature, chunk_size, fp32_grad_weight,
+      need_grad_hidden, need_grad_weight):
+    return (hidden.new_empty(hidden.shape if need_grad_hidden else 0),
+            weight.new_empty(weight.shape if need_grad_weight else 0))
+
+
+def _fused_linear_logprobs_setup_context(ctx, inputs, output):
+    hidden, weight, targets, mask, temperature, chunk_size, fp32_grad_weight = inputs
+    _logprobs, lse = output
+    ctx.save_for_backward(hidden, weight, targets, mask, lse)
+    ctx.temperature, ctx.chunk_size, ctx.fp32_grad_weight = temperature, chunk_size, fp32_grad_weight
+    ctx.mark_non_differentiable(lse)
+
+
+def _fused_linear_logprobs_backward(ctx, dlogprobs, _dlse):
+    hidden, weight, targets, mask, lse = ctx.saved_tensors
+    need_hidden, need_weight = ctx.needs_input_grad[:2]
+    grad_hidden, grad_weight = fused_linear_logprobs_bwd(
+        dlogprobs, hidden, weight, targets, mask, lse, ctx.temperature, ctx.chunk_size, ctx.fp32_grad_weight,
+        need_hidden, need_weight,
+    )
+    return grad_hidden if need_hidden else None, grad_weight if need_weight else None, None, None, None, None, None
+
+
+fused_linear_logprobs_fwd.register_autograd(
+    _fused_linear_logprobs_backward, setup_context=_fused_linear_logprobs_setup_context
+)
+
+
+# ----------------------------------------------------------------------------------------------
+# fused_linear_gta_loss as one op: its forward returns the gradients, its backward scales them.
+
+
+@torch.library.custom_op(f"{OPS_NAMESPACE}::fused_linear_gta_loss", mutates_args=())
+def fused_linear_gta_loss_op(
+    hidden: Tensor, weight: Tensor, targets: Tensor, row_kind: Tensor, old_logprobs: Tensor, advantages: Tensor,
+    ref_logprobs: Tensor | None, sft_weight: Tensor, rl_weight: Tensor,
+    eps_low: float, eps_high: float, beta: float, temperature: float, lambda_sft: float, lambda_rl: float,
+    chunk_size: int, fp32_grad_weight: bool, need_grad_hidden: bool, need_grad_weight: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(loss, sft_loss, rl_loss, *stats in STAT_NAMES order, grad_hidden, grad_weight).
+
+    Losses are fp32 scalars, stats [N] (fp32; clipped bool); grad_hidden [N, D] is in the hidden
+    dtype, grad_weight [V, D] is the fp32 (fp32_grad_weight) or weight-dtype accumulator, unscaled:
+    d loss / d hidden and d loss / d weight. Each is empty where not needed; need_grad_* must be
+    True for an input that requires grad, as the registered backward returns these gradients.
+    """
+    N, device = hidden.shape[0], hidden.device
+    grad_hidden, grad_weight = _new_grads(hidden, weight, need_grad_hidden, need_grad_weight, fp32_grad_weight)
+    mask = row_kind != IGNORE
+    sft_loss = torch.zeros((), device=device)
+    rl_loss = torch.zeros((), device=device)
+    stats = {name: _new_output((N,), torch.float32, device) for name in STAT_NAMES if name != "clipped"}
+    stats["clipped"] = torch.zeros(N, dtype=torch.bool, device=device)
+    for start in range(0, N, chunk_size):
+        rows = slice(start, min(start + chunk_size, N))
+        logits = hidden[rows] @ weight.T  # [C, V]
+        logprobs, lse, entropy = _rows_forward(logits, targets[rows], mask[rows], temperature, True)
+        chunk_ref = None if ref_logprobs is None else ref_logprobs[rows]
+        chunk_sft, chunk_rl, token = gta_row_losses(
+            logprobs, row_kind[rows], old_logprobs[rows], advantages[rows], chunk_ref,
+            sft_weight[rows], rl_weight[rows], eps_low, eps_high, beta,
+        )
+        sft_loss += chunk_sft
+        rl_loss += chunk_rl
+        for name, value in (("ratio", token.ratio), ("kl", token.kl), ("clipped", token.clipped),
+                            ("entropy", entropy), ("logprobs", logprobs)):
+            stats[name][rows] = value
+        if grad_hidden is not None or grad_weight is not None:
+            dlogprobs = gta_row_loss_grad(logprobs, row_kind[rows], token, advantages[rows], chunk_ref,
+                                          sft_weight[rows], rl_weight[rows], beta, lambda_sft, lambda_rl)
+            _rows_backward(logits, targets[rows], mask[rows], lse, dlogprobs, temperature, logits)
             _accumulate_grads(logits, hidden[rows], weight,
                               None if grad_hidden is None else grad_hidden[rows], grad_weight)
-            del logits
-        if grad_weight is not None:
-            grad_weight = grad_weight.to(weight.dtype)
-        return grad_hidden, grad_weight, None, None, None, None, None
+        del logits
+    loss = lambda_sft * sft_loss + lambda_rl * rl_loss
+    return (loss, sft_loss, rl_loss, *(stats[name] for name in STAT_NAMES),
+            _or_empty(grad_hidden, hidden), _or_empty(grad_weight, weight))
 
 
-class _FusedLinearGTALoss(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, hidden, weight, targets, row_kind, old_logprobs, advantages, ref_logprobs,
-                sft_weight, rl_weight, scalars, chunk_size, fp32_grad_weight, grad_enabled):
-        eps_low, eps_high, beta, temperature, lambda_sft, lambda_rl = scalars
-        N, device = hidden.shape[0], hidden.device
-        # needs_input_grad ignores torch.no_grad(): without the flag, evaluation would pay for grads.
-        need_hidden, need_weight = (grad_enabled and need for need in ctx.needs_input_grad[:2])
-        grad_hidden, grad_weight = _new_grads(hidden, weight, need_hidden, need_weight, fp32_grad_weight)
-        mask = row_kind != IGNORE
-        sft_loss = torch.zeros((), device=device)
-        rl_loss = torch.zeros((), device=device)
-        stats = {name: _new_output((N,), torch.float32, device) for name in STAT_NAMES if name != "clipped"}
-        stats["clipped"] = torch.zeros(N, dtype=torch.bool, device=device)
-        for start in range(0, N, chunk_size):
-            rows = slice(start, min(start + chunk_size, N))
-            logits = hidden[rows] @ weight.T  # [C, V]
-            logprobs, lse, entropy = _rows_forward(logits, targets[rows], mask[rows], temperature, True)
-            logprobs.requires_grad_()
-            with torch.enable_grad():  # autograd on the [C] vector only: dL/dlogp for this chunk
-                chunk_sft, chunk_rl, token = gta_row_losses(
-                    logprobs, row_kind[rows], old_logprobs[rows], advantages[rows],
-                    None if ref_logprobs is None else ref_logprobs[rows],
-                    sft_weight[rows], rl_weight[rows], eps_low, eps_high, beta,
-                )
-                (dlogprobs,) = torch.autograd.grad(lambda_sft * chunk_sft + lambda_rl * chunk_rl, logprobs)
-            sft_loss += chunk_sft.detach()
-            rl_loss += chunk_rl.detach()
-            for name, value in (("ratio", token.ratio), ("kl", token.kl), ("clipped", token.clipped),
-                                ("entropy", entropy), ("logprobs", logprobs)):
-                stats[name][rows] = value.detach()
-            if grad_hidden is not None or grad_weight is not None:
-                _rows_backward(logits, targets[rows], mask[rows], lse, dlogprobs, temperature, logits)
-                _accumulate_grads(logits, hidden[rows], weight,
-                                  None if grad_hidden is None else grad_hidden[rows], grad_weight)
-            del logits
-        ctx.save_for_backward(grad_hidden, grad_weight)
-        ctx.weight_dtype = weight.dtype
-        stats = [stats[name] for name in STAT_NAMES]
-        ctx.mark_non_differentiable(sft_loss, rl_loss, *stats)
-        loss = lambda_sft * sft_loss + lambda_rl * rl_loss
-        return loss, sft_loss, rl_loss, *stats
+@fused_linear_gta_loss_op.register_fake
+def _(hidden, weight, targets, row_kind, old_logprobs, advantages, ref_logprobs, sft_weight, rl_weight,
+      eps_low, eps_high, beta, temperature, lambda_sft, lambda_rl, chunk_size, fp32_grad_weight,
+      need_grad_hidden, need_grad_weight):
+    N = hidden.shape[0]
+    losses = [hidden.new_empty((), dtype=torch.float32) for _ in range(3)]
+    stats = [hidden.new_empty(N, dtype=torch.bool if name == "clipped" else torch.float32) for name in STAT_NAMES]
+    grad_hidden = hidden.new_empty(hidden.shape if need_grad_hidden else 0)
+    grad_weight = weight.new_empty(weight.shape if need_grad_weight else 0,
+                                   dtype=_grad_weight_dtype(weight, fp32_grad_weight))
+    return (*losses, *stats, grad_hidden, grad_weight)
 
-    @staticmethod
-    def backward(ctx, dloss, *_):
-        grad_hidden, grad_weight = ctx.saved_tensors
-        if grad_hidden is not None:
-            grad_hidden = grad_hidden * dloss
-        if grad_weight is not None:
-            grad_weight = (grad_weight * dloss).to(ctx.weight_dtype)
-        return (grad_hidden, grad_weight) + (None,) * 11
+
+def _fused_linear_gta_loss_setup_context(ctx, inputs, output):
+    *_, grad_hidden, grad_weight = output
+    ctx.save_for_backward(grad_hidden, grad_weight)
+    ctx.weight_dtype = inputs[1].dtype
+    ctx.mark_non_differentiable(*output[1:])  # only the loss has a gradient
+
+
+def _fused_linear_gta_loss_backward(ctx, dloss, *_):
+    """The gradients were computed in the forward: scale them by the incoming d/d loss."""
+    grad_hidden, grad_weight = ctx.saved_tensors
+    need_hidden, need_weight = ctx.needs_input_grad[:2]
+    grad_hidden = grad_hidden * dloss if need_hidden else None
+    grad_weight = (grad_weight * dloss).to(ctx.weight_dtype) if need_weight else None
+    return (grad_hidden, grad_weight) + (None,) * 17
+
+
+fused_linear_gta_loss_op.register_autograd(
+    _fused_linear_gta_loss_backward, setup_context=_fused_linear_gta_loss_setup_context
+)
 
 
 def fused_linear_logprobs(
@@ -220,8 +338,9 @@ def fused_linear_logprobs(
     mask = None if mask is None else mask.bool().contiguous()
     hidden, weight = _compute_inputs(hidden, weight)
     with torch.autocast(hidden.device.type, enabled=False):
-        return _FusedLinearLogProbs.apply(hidden, weight, targets.contiguous(), mask, float(temperature),
-                                          chunk_size, fp32_grad_weight)
+        logprobs, _lse = fused_linear_logprobs_fwd(hidden, weight, targets.contiguous(), mask, float(temperature),
+                                                   chunk_size, fp32_grad_weight)
+    return logprobs
 
 
 def fused_linear_gta_loss(
@@ -256,11 +375,14 @@ def fused_linear_gta_loss(
     N, D = hidden.shape
     chunk_size = chunk_size or default_chunk_size(N, weight.shape[0], D)
     sft_weight, rl_weight = gta_row_weights(row_kind, s.agg, seq_ids, s.loss_normalizer, row_counts)
-    scalars = (s.eps_low, s.eps_high, s.beta, float(s.temperature), s.lambda_sft, s.lambda_rl)
+    scalars = [float(x) for x in (s.eps_low, s.eps_high, s.beta, s.temperature, s.lambda_sft, s.lambda_rl)]
     hidden, weight = _compute_inputs(hidden, weight)
+    # Gradients are made in the forward, so it must know which are wanted (the op's implementation
+    # runs with grad mode off and cannot ask); under torch.no_grad() none are.
+    need_hidden, need_weight = (torch.is_grad_enabled() and t.requires_grad for t in (hidden, weight))
     with torch.autocast(hidden.device.type, enabled=False):
-        loss, sft_loss, rl_loss, *stats = _FusedLinearGTALoss.apply(
+        loss, sft_loss, rl_loss, *stats, _grad_hidden, _grad_weight = fused_linear_gta_loss_op(
             hidden, weight, targets.contiguous(), row_kind, old_logprobs, advantages, ref_logprobs,
-            sft_weight, rl_weight, scalars, chunk_size, fp32_grad_weight, torch.is_grad_enabled(),
+            sft_weight, rl_weight, *scalars, chunk_size, fp32_grad_weight, need_hidden, need_weight,
         )
     return FusedGTALoss(loss, sft_loss, rl_loss, dict(zip(STAT_NAMES, stats)))

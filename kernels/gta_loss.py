@@ -12,7 +12,10 @@ Each row i of a flattened batch (N tokens) has a kind: 0 ignore, 1 SFT (a gold g
 
 Every aggregation is a weighted sum, L = sum_i w_i f(logp_i), with weights w_i fixed by the row
 kinds (and sequence ids) alone (`gta_row_weights`). So dL/dlogp_i depends on row i only, which
-is what lets `kernels.fused_linear` compute the gradient during its forward pass.
+is what lets `kernels.fused_linear` compute the gradient during its forward pass; it uses the
+closed form `gta_row_loss_grad`, since autograd is off inside a custom op:
+
+    d obj_i / d logp_i = rho_i A_i (0 where clipped) + beta (exp(ref_i - logp_i) - 1)
 
 Several ranks: the means are over the global batch when `row_counts` gives the denominators
 (global counts / number of ranks): each rank's loss is then its share of the global mean, and
@@ -126,7 +129,9 @@ def gta_row_weights(
         seq = torch.where(rl, seq_ids, 0)
         tokens_per_seq = torch.zeros(row_kind.shape[0], device=row_kind.device).index_add_(0, seq, rl.float())
         num_seqs = (tokens_per_seq > 0).sum().clamp(min=1) if row_counts is None else (row_counts.rl_seqs or 1.0)
-        rl_weight = torch.where(rl, 1.0 / (tokens_per_seq[seq].clamp(min=1) * num_seqs), 0.0)
+        # gather, not tokens_per_seq[seq]: the same values, and it also runs on fake CUDA tensors
+        # with a CPU-only torch build, where advanced indexing wants a CUDA device guard.
+        rl_weight = torch.where(rl, 1.0 / (tokens_per_seq.gather(0, seq).clamp(min=1) * num_seqs), 0.0)
     else:
         if loss_normalizer is None or loss_normalizer <= 0:
             raise ValueError('agg="constant" needs a positive loss_normalizer')
@@ -163,6 +168,32 @@ def gta_row_losses(
     sft_loss = -(sft_weight * torch.where(row_kind == SFT, logprobs, 0.0)).sum()
     rl_loss = -(rl_weight * token.objective).sum()
     return sft_loss, rl_loss, token
+
+
+def gta_row_loss_grad(
+    logprobs: torch.Tensor,
+    row_kind: torch.Tensor,
+    token: TokenObjective,
+    advantages: torch.Tensor,
+    ref_logprobs: torch.Tensor | None,
+    sft_weight: torch.Tensor,
+    rl_weight: torch.Tensor,
+    beta: float,
+    lambda_sft: float,
+    lambda_rl: float,
+) -> torch.Tensor:
+    """d(lambda_sft * sft_loss + lambda_rl * rl_loss) / d logprobs [N] of `gta_row_losses`, in closed
+    form, given its `token` output. For callers where autograd is off: a custom op's implementation
+    runs below the autograd dispatch key (kernels.fused_linear). Equal to autograd's gradient,
+    ties included: where rho is inside the clip range min() splits its gradient between two equal
+    terms that both pass rho A. Rows that are not RL (resp. SFT) get exactly 0 from the RL (resp.
+    SFT) term, whatever their inputs hold."""
+    d_objective = torch.where(token.clipped, 0.0, token.ratio * advantages.to(logprobs.dtype))
+    if beta != 0.0:  # objective -= beta * KL, d KL / d logp = 1 - exp(ref - logp)
+        d_objective = d_objective + beta * (torch.exp(ref_logprobs.to(logprobs.dtype) - logprobs) - 1.0)
+    d_sft_loss = torch.where(row_kind == SFT, -sft_weight, 0.0)
+    d_rl_loss = torch.where(row_kind == RL, -rl_weight * d_objective, 0.0)
+    return lambda_sft * d_sft_loss + lambda_rl * d_rl_loss
 
 
 def _gta_loss_from_logprobs(lp: LogProbs, row_kind, old_logprobs, advantages, ref_logprobs, s: LossSettings,
