@@ -61,6 +61,8 @@ class RolloutArgs:
     max_prompt_tokens: int = opt(1024, "prompt length limit (see --long-prompts)", **POSITIVE)
     long_prompts: str = opt("truncate", "a longer prompt: cut its text to fit (counted in the metrics), or stop with an error naming the row", ("truncate", "error"))
     max_new_tokens: int = opt(64, "completion length limit", **POSITIVE)
+    cuda_graph: bool = opt(False, "on CUDA, replay each decode step as a captured CUDA graph (used when the generating "
+                           "model's weights are in the compute dtype: FSDP's bf16 copy, or fp32; else eager)")
 
 
 @dataclass

@@ -33,7 +33,7 @@ def rollout(model, tok: Tokenizer, prompts: list[Prompt], mode: str, args: Rollo
     mu = 1, and a forward of its own for mu > 1).
     """
     params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-                            num_samples=args.group_size)
+                            num_samples=args.group_size, cuda_graph=args.cuda_graph)
     was_training = model.training
     model.eval()
     gen = generate(model, [p.ids for p in prompts], params, tok.stop_token_ids, tok.pad_token_id, generator,
