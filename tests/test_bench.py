@@ -1,6 +1,7 @@
 """The benchmark scripts run (tiny shapes on CPU) and write their CSV, so they cannot rot."""
 
 import csv
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -16,9 +17,24 @@ SCRIPTS = sorted(p.name for p in (ROOT / "bench").glob("bench_*.py") if p.name !
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_bench_script_runs(script, tmp_path):
     out = tmp_path / "out.csv"
-    timing = [] if script == "bench_memory.py" else ["--warmup", "0", "--reps", "1", "--no-compile"]  # it times nothing
+    untimed = ("bench_memory.py", "bench_decode.py", "bench_step.py")  # nothing to time, or whole generations (3 each)
+    timing = [] if script in untimed else ["--warmup", "0", "--reps", "1", "--no-compile"]
     cmd = [sys.executable, str(ROOT / "bench" / script), *timing, "--csv", str(out)]
     res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-2000:]
     rows = list(csv.DictReader(out.open()))
     assert rows and all(r.get("device") for r in rows)
+
+
+@pytest.mark.slow
+def test_gpu_check_dry_run(tmp_path):
+    """The prepared GPU check runs every part at tiny shapes on CPU and leaves two files."""
+    env = dict(os.environ, PYTHON=sys.executable)
+    res = subprocess.run(["bash", str(ROOT / "bench" / "gpu_check.sh"), "--dry-run", str(tmp_path)], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-2000:]
+    summary = (tmp_path / "summary.md").read_text()
+    status_table = summary.split("\n## ")[0]  # the CSV tables follow under their own headings
+    parts = [line for line in status_table.splitlines() if line.startswith("| ") and line[2].isdigit()]
+    assert len(parts) == 5 and all("| ok |" in line for line in parts), summary[:2000]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["logs.tar.gz", "summary.md"]
