@@ -35,7 +35,8 @@ def parts(out: Path, dry: bool) -> list[tuple[str, list[list[str]], int]]:
                 "print('gpu', torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'none')"]
     tests = ["tests/test_attention.py"] if dry else ["tests/test_kernels.py", "tests/test_gta_loss.py",
                                                      "tests/test_fused_linear.py", "tests/test_attention.py",
-                                                     "tests/test_gpu_scale.py", "tests/test_custom_ops.py"]
+                                                     "tests/test_gpu_scale.py", "tests/test_custom_ops.py",
+                                                     "tests/test_fake_gpu.py"]
     return [
         ("versions", [versions], 30),
         ("gpu tests", [[PY, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *tests],
