@@ -19,13 +19,14 @@ per row. The forward keeps only lse [N]; the backward recomputes each chunk's lo
 matmul) and runs the backward kernel with the incoming dL/dlogp.
 
 Chunk size: C ~ N*D/V rows, so the transient chunk logits are about the size of hidden [N, D];
-at least 256 rows (smaller matmuls underuse the tensor cores) and at most N; `chunk_size`
-overrides it. Memory: grad_weight is accumulated in fp32 by default, 4*V*D bytes held from the
-forward to the backward (2.2 GB for V=151936, D=3584). fp32_grad_weight=False accumulates in the
-weight dtype instead (2*V*D bytes for bf16, rounded once per chunk). In fp32 mode each chunk's
-product is rounded to the weight dtype once before the fp32 sum, so the error does not grow with
-the number of chunks (it costs a transient [V, D] product per chunk; CUDA's fp32-output matmul
-would avoid it but has no CPU kernel). grad_hidden [N, D] is in the hidden dtype.
+at least 256 rows, 2048 on CUDA (smaller matmuls underuse the tensor cores), and at most N;
+`chunk_size` overrides it. Memory: grad_weight is accumulated in fp32 by default, 4*V*D bytes
+held from the forward to the backward (2.2 GB for V=151936, D=3584). fp32_grad_weight=False
+accumulates in the weight dtype instead (2*V*D bytes for bf16, rounded once per chunk). In fp32
+mode on CUDA each chunk's bf16 product is accumulated straight into the fp32 sum by cuBLAS
+(`addmm` with out_dtype=float32): no [V, D] temporary. Elsewhere (no CPU kernel for that) each
+chunk's product is made in the weight dtype, a transient [V, D], and added to the fp32 sum, so
+the rounding does not grow with the number of chunks. grad_hidden [N, D] is in the hidden dtype.
 
 Custom ops (as in `kernels.selective_logprobs`): each chunk loop is one torch.library op with a
 fake implementation, so torch.compile keeps the loss in one graph and FakeTensorMode runs it:
@@ -73,6 +74,7 @@ from kernels.selective_logprobs import (
 )
 
 MIN_CHUNK_ROWS = 256
+MIN_CHUNK_ROWS_CUDA = 2048  # a [2048, D] x [D, V] matmul keeps an H100's tensor cores busy
 STAT_NAMES = ("ratio", "clipped", "kl", "entropy", "logprobs")
 
 
@@ -98,9 +100,13 @@ def fused_linear_gta_loss_reference(hidden, weight, targets, row_kind, old_logpr
     return FusedGTALoss(loss, sft_loss.detach(), rl_loss.detach(), stats)
 
 
-def default_chunk_size(N: int, V: int, D: int) -> int:
-    """Rows per chunk: chunk logits [C, V] about as big as hidden [N, D], within [256, N]."""
-    return max(1, min(N, max(MIN_CHUNK_ROWS, -(-N * D // V))))
+def default_chunk_size(N: int, V: int, D: int, min_rows: int = MIN_CHUNK_ROWS) -> int:
+    """Rows per chunk: chunk logits [C, V] about as big as hidden [N, D], within [min_rows, N]."""
+    return max(1, min(N, max(min_rows, -(-N * D // V))))
+
+
+def _chunk_rows(hidden: torch.Tensor) -> int:
+    return MIN_CHUNK_ROWS_CUDA if hidden.is_cuda else MIN_CHUNK_ROWS
 
 
 def _new_grads(hidden, weight, need_hidden, need_weight, fp32_grad_weight):
@@ -128,8 +134,27 @@ def _accumulate_grads(dlogits, hidden_chunk, weight, grad_hidden_chunk, grad_wei
     if grad_weight is not None:
         if grad_weight.dtype == dlogits.dtype:
             grad_weight.addmm_(dlogits.T, hidden_chunk)  # [V, C] @ [C, D]
+        elif grad_weight.is_cuda and _fp32_out_addmm(grad_weight.device):  # fp32 sum fed by bf16 GEMMs
+            torch.addmm(grad_weight, dlogits.T, hidden_chunk, out_dtype=torch.float32, out=grad_weight)
         else:
             grad_weight += dlogits.T @ hidden_chunk
+
+
+_FP32_OUT_ADDMM: dict[torch.device, bool] = {}
+
+
+def _fp32_out_addmm(device: torch.device) -> bool:
+    """Whether this torch has cuBLAS's bf16 x bf16 -> fp32 addmm in place (torch >= 2.8), checked
+    once per device on a small product against the plain one."""
+    if device not in _FP32_OUT_ADDMM:
+        a, b = (torch.randn(64, 64, device=device).bfloat16() for _ in range(2))
+        acc = torch.ones(64, 64, device=device)
+        try:
+            torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+            _FP32_OUT_ADDMM[device] = torch.allclose(acc, 1 + a.float() @ b.float(), atol=1e-3, rtol=1e-3)
+        except (TypeError, RuntimeError, NotImplementedError):
+            _FP32_OUT_ADDMM[device] = False
+    return _FP32_OUT_ADDMM[device]
 
 
 def _compute_inputs(hidden, weight):
@@ -334,7 +359,7 @@ def fused_linear_logprobs(
     if not triton_runs_on(hidden):
         return fused_linear_logprobs_reference(hidden, weight, targets, temperature, mask)
     N, D = hidden.shape
-    chunk_size = chunk_size or default_chunk_size(N, weight.shape[0], D)
+    chunk_size = chunk_size or default_chunk_size(N, weight.shape[0], D, _chunk_rows(hidden))
     mask = None if mask is None else mask.bool().contiguous()
     hidden, weight = _compute_inputs(hidden, weight)
     with torch.autocast(hidden.device.type, enabled=False):
@@ -373,7 +398,7 @@ def fused_linear_gta_loss(
     if s.beta != 0.0 and ref_logprobs is None:
         raise ValueError("beta != 0 needs ref_logprobs")
     N, D = hidden.shape
-    chunk_size = chunk_size or default_chunk_size(N, weight.shape[0], D)
+    chunk_size = chunk_size or default_chunk_size(N, weight.shape[0], D, _chunk_rows(hidden))
     sft_weight, rl_weight = gta_row_weights(row_kind, s.agg, seq_ids, s.loss_normalizer, row_counts)
     scalars = [float(x) for x in (s.eps_low, s.eps_high, s.beta, s.temperature, s.lambda_sft, s.lambda_rl)]
     hidden, weight = _compute_inputs(hidden, weight)
