@@ -25,7 +25,7 @@ import models
 from gtacore.batches import BatchSampler
 from gtacore.checkpointing import (TrainingError, checkpoint_dir, latest_checkpoint, load_trainer_state,
                                    remove_partial_checkpoints, save_training)
-from gtacore.completions import batch_rewards, group_advantages
+from gtacore.completions import batch_rewards, group_advantages, load_reward_fn
 from gtacore.config import Config, parse_config
 from gtacore.data import load_run_data
 from gtacore.distributed import DistInfo, init_distributed, shutdown
@@ -82,7 +82,8 @@ def train_step(cfg: Config, step: int, policy, rollout_model, ref_model, tok, pr
         with clock("rollout"), autocast:
             ro = rollout(rollout_model, tok, prompts, L.mode, R, step_generator(cfg, step, info))
         golds = [prompts[r // G].example.label for r in range(len(ro.texts))]
-        rewards, parsed = batch_rewards(ro.texts, golds, labels, L.mode, L.w_format, L.w_acc)
+        rewards, parsed = batch_rewards(ro.texts, golds, labels, L.mode, L.w_format, L.w_acc,
+                                        load_reward_fn(L.reward_fn) if L.reward_fn else None)
         advantages = group_advantages(rewards, G, scale_std=L.scale_std)
         rl_rows = pack_rows(prompt_rows, [r // G for r in range(len(golds))], ro.completions, ro.rl_masks, RL_ROW,
                             advantages.tolist(), dev)

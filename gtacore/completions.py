@@ -31,8 +31,13 @@ completion GUESS would hide its think and answer from the RL loss.
 
 from __future__ import annotations
 
+import functools
+import importlib
+import importlib.util
 import re
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
 
 import torch
 
@@ -224,8 +229,42 @@ def reward(parsed: Parsed, gold: str, w_format: float = 1.0, w_acc: float = 1.0)
     return w_format * float(parsed.format_ok) + w_acc * float(parsed.answer == gold)
 
 
+# The user's own reward (--reward-fn module:function) replaces that sum:
+#
+#     def my_reward(parsed: list[Parsed], golds: list[str], labels: list[str]) -> list[float]: ...
+#
+# one float per completion (parsed[i].guess / .think / .answer / .format_ok), checked for length
+# and finiteness. The module is imported as Python imports any module (from the working
+# directory or PYTHONPATH), or given as a file: path/to/rewards.py:function.
+RewardFn = Callable[[list[Parsed], list[str], list[str]], Sequence[float]]
+
+
+@functools.lru_cache(maxsize=None)
+def load_reward_fn(spec: str) -> RewardFn:
+    """'module:function' or 'path/to/file.py:function' -> the function (loaded once); a clear error otherwise."""
+    where, _, name = spec.rpartition(":")
+    if not where or not name:
+        raise ValueError(f"--reward-fn {spec!r}: expected module:function or path/to/file.py:function")
+    try:
+        if where.endswith(".py"):
+            loader = importlib.util.spec_from_file_location(Path(where).stem, where)
+            if loader is None or not Path(where).is_file():
+                raise ImportError(f"no file {where}")
+            module = importlib.util.module_from_spec(loader)
+            loader.loader.exec_module(module)
+        else:
+            module = importlib.import_module(where)
+    except Exception as error:
+        raise ValueError(f"--reward-fn {spec!r}: cannot import {where}: {type(error).__name__}: {error}") from error
+    fn = getattr(module, name, None)
+    if not callable(fn):
+        raise ValueError(f"--reward-fn {spec!r}: {where} has no function {name}")
+    return fn
+
+
 def batch_rewards(
-    texts: list[str], golds: list[str], labels: list[str], mode: str, w_format: float = 1.0, w_acc: float = 1.0
+    texts: list[str], golds: list[str], labels: list[str], mode: str, w_format: float = 1.0, w_acc: float = 1.0,
+    reward_fn: RewardFn | None = None,
 ) -> tuple[torch.Tensor, list[Parsed]]:
     """Parse and reward N decoded completions: (rewards [N] float32, parsed [N])."""
     if len(texts) != len(golds):
@@ -235,7 +274,19 @@ def batch_rewards(
     if unknown:
         raise ValueError(f"gold labels {sorted(unknown)} are not in the label set")
     parsed = [parse_completion(t, labels, mode) for t in texts]
-    rewards = torch.tensor([reward(p, y, w_format, w_acc) for p, y in zip(parsed, golds)], dtype=torch.float32)
+    if reward_fn is None:
+        return torch.tensor([reward(p, y, w_format, w_acc) for p, y in zip(parsed, golds)], dtype=torch.float32), parsed
+    name = getattr(reward_fn, "__qualname__", repr(reward_fn))
+    try:
+        rewards = torch.as_tensor([float(r) for r in reward_fn(parsed, list(golds), list(labels))], dtype=torch.float32)
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"reward function {name}: must return one number per completion ({error})") from error
+    if rewards.shape != (len(texts),):
+        raise ValueError(f"reward function {name} returned {rewards.numel()} rewards for {len(texts)} completions")
+    if not torch.isfinite(rewards).all():
+        bad = (~torch.isfinite(rewards)).nonzero()[0, 0].item()
+        raise ValueError(f"reward function {name} returned {rewards[bad].item()} for completion {bad}: "
+                         f"{texts[bad][:80]!r}; rewards must be finite")
     return rewards, parsed
 
 

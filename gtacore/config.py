@@ -16,6 +16,8 @@ import torch
 
 from kernels import LossSettings
 
+from .completions import load_reward_fn
+
 
 def opt(default: Any, help: str, choices: tuple | None = None, low: float | None = None, above: bool = False) -> Any:
     """A field with its help text; `low`: the smallest value allowed (or, with `above`, the bound
@@ -77,6 +79,9 @@ class LossArgs:
     scale_std: bool = opt(True, "divide advantages by the group std (off = Dr. GRPO)")
     w_format: float = opt(1.0, "reward weight of a well-formed completion", **NONNEGATIVE)
     w_acc: float = opt(1.0, "reward weight of a correct answer", **NONNEGATIVE)
+    reward_fn: str | None = opt(None, "your own reward instead of w_format * format_ok + w_acc * correct: "
+                                "module:function or path/to/file.py:function, called as fn(parsed, golds, labels) -> "
+                                "one float per completion (README, 'Your own reward')")
     lambda_sft: float = opt(1.0, "weight of the SFT loss", **NONNEGATIVE)
     lambda_rl: float = opt(1.0, "weight of the RL loss", **NONNEGATIVE)
     constraint: str = opt("project", "gradient constraint between SFT and RL gradients; each step logs grad_cosine, "
@@ -220,13 +225,18 @@ def config_problems(cfg: Config) -> list[str]:
         problems.append(f"--eps-low must be < 1 (the ratio's lower clip 1 - eps_low must stay positive), got {L.eps_low}")
     if L.mode == "grpo" and R.group_size == 1:
         problems.append("--group-size 1 in grpo mode: every group-normalised advantage is 0, so nothing is learned")
-    if L.mode != "sft" and L.w_format == 0 and L.w_acc == 0:
+    if L.mode != "sft" and L.w_format == 0 and L.w_acc == 0 and not L.reward_fn:
         problems.append("--w-format 0 and --w-acc 0: every reward is 0, so the RL loss learns nothing")
     used = {"gta": (L.lambda_sft, L.lambda_rl), "sft": (L.lambda_sft,), "grpo": (L.lambda_rl,)}[L.mode]
     if not any(used):
         problems.append(f"--lambda-sft {L.lambda_sft} and --lambda-rl {L.lambda_rl}: no loss is left in {L.mode} mode")
     if cfg.data.eval_data and not cfg.data.data:
         problems.append(f"--eval-data {cfg.data.eval_data} without --data: the labels come from the training file")
+    if L.reward_fn:
+        try:
+            load_reward_fn(L.reward_fn)
+        except ValueError as error:
+            problems.append(str(error))
     if cfg.model.precision == "bf16-true":
         problems.append("--precision bf16-true: bf16 weights under AdamW without an fp32 master copy round most "
                         "updates of lr ~1e-5 to zero; use --precision bf16-mixed (fp32 master weights, bf16 compute)")
