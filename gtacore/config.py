@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
+import tomllib
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, get_args, get_origin, get_type_hints
 
 import torch
@@ -250,14 +253,58 @@ def gpu_config() -> Config:
     return apply_flags(Config(), {f"{section}.{name}": value for (section, name), value in GPU_DEFAULTS.items()})
 
 
+def config_file_values(path: str | Path) -> dict[str, Any]:
+    """A config file as {"section.name": value}: a run's config.json, or a .toml / .yaml file with
+    the same sections. An unknown section or key, or a value of the wrong type, is an error
+    naming it and the file."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+        if path.suffix == ".toml":
+            data = tomllib.loads(text)
+        elif path.suffix in (".yaml", ".yml"):
+            try:
+                import yaml
+            except ImportError as e:
+                raise ValueError("YAML config files need PyYAML: pip install pyyaml (or use .json / .toml)") from e
+            data = yaml.safe_load(text)
+        else:
+            data = json.loads(text)
+    except (OSError, ValueError, tomllib.TOMLDecodeError) as e:
+        raise ValueError(f"{path}: cannot read it as a config file: {e}") from e
+    classes = {name: cls for cls, name in _SECTIONS.items()}
+    out = {}
+    for section, values in (data or {}).items():
+        if section not in classes or not isinstance(values, dict):
+            raise ValueError(f"{path}: unknown section {section!r} (sections: {', '.join(classes)})")
+        hints = get_type_hints(classes[section])
+        for key, value in values.items():
+            if key not in hints:
+                raise ValueError(f"{path}: unknown key {section}.{key}")
+            want = _base_type(hints[key])
+            if value is not None and not (isinstance(value, want) or (want is float and type(value) is int)):
+                raise ValueError(f"{path}: {section}.{key} must be {want.__name__}, got {value!r}")
+            out[f"{section}.{key}"] = float(value) if want is float and value is not None else value
+    return out
+
+
 def parse_config(argv: list[str] | None = None, description: str = "") -> Config:
-    """Parse the command line. Flags left out keep their default, or on a GPU (CUDA available and
-    --device not cpu) GPU_DEFAULTS. Bad values exit with status 2 before anything is loaded."""
+    """Parse the command line. Flags given win over --config FILE, which wins over the defaults
+    (on a GPU -- CUDA available and --device not cpu -- GPU_DEFAULTS). Bad values exit with
+    status 2 before anything is loaded."""
     parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", metavar="FILE", help="a run's config.json (replays the run), or a .toml / .yaml "
+                        "file with the same sections; flags given on the command line override it")
     add_config_flags(parser)
     given = vars(parser.parse_args(argv))
-    gpu = torch.cuda.is_available() and not str(given.get("run.device", "cuda")).startswith("cpu")
-    cfg = gpu_config() if gpu else Config()
+    try:
+        from_file = config_file_values(given.pop("config")) if given.get("config") else {}
+    except ValueError as e:
+        parser.error(str(e))
+    given.pop("config", None)
+    device = given.get("run.device", from_file.get("run.device")) or "cuda"
+    gpu = torch.cuda.is_available() and not str(device).startswith("cpu")
+    cfg = apply_flags(gpu_config() if gpu else Config(), from_file)
     problems = config_problems(apply_flags(cfg, given))
     if problems:
         parser.error("; ".join(problems))

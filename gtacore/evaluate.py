@@ -22,7 +22,6 @@ import argparse
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import get_type_hints
 
 import torch
 import torch.distributed as dist
@@ -31,7 +30,7 @@ import models
 from models.generate import SamplingParams, generate
 from models.tokenizer import Tokenizer
 
-from .config import Config, add_config_flags, apply_flags, bound_problems
+from .config import Config, add_config_flags, apply_flags, bound_problems, config_file_values
 from .data import Example, eval_subset, load_dataset_from_args, load_run_data
 from .distributed import DistInfo, init_distributed, shutdown
 from .parallel import compute_precision
@@ -164,9 +163,7 @@ def config_from_args(args: argparse.Namespace) -> Config:
     if args.run:
         if not (Path(args.run) / "config.json").is_file():
             raise SystemExit(f"--run {args.run}: no config.json (a train.py output folder has one)")
-        saved = json.loads((Path(args.run) / "config.json").read_text())
-        sections = get_type_hints(Config)  # section name -> its dataclass
-        cfg = Config(**{name: sections[name](**values) for name, values in saved.items()})
+        cfg = apply_flags(Config(), config_file_values(Path(args.run) / "config.json"))
     else:
         cfg = Config()
         cfg.data.max_eval_examples = 0
