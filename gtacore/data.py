@@ -1,14 +1,15 @@
-"""Labelled texts: load them from JSONL/CSV/TSV/Parquet (gtacore/readers.py), name their
-labels, and draw the worked examples.
+"""Labelled texts: load them from JSONL/CSV/TSV/Parquet/Arrow files or Hugging Face exports
+(gtacore/readers.py), name their labels, and draw the worked examples.
 
 Every bad input raises `DataError` naming the file and the line (the 1-based
-file line for JSONL/CSV/TSV, the 1-based row for Parquet): a trainer that dies
+file line for JSONL/CSV/TSV, the 1-based row for Parquet/Arrow): a trainer that dies
 on row 80,000 with a bare KeyError wastes the GPU hour before it.
 
-Label set, in order of precedence: `labels` (the allowed set, order kept), else
-`label_names` (index -> name), else the sorted unique labels found in the data.
-Integer labels (and digit strings, when `label_names` is given) are indices into
-`label_names`; other strings are label names.
+Label names (index -> name): `label_names`, else the names of the label field's
+ClassLabel feature in a Hugging Face export. Label set, in order of precedence:
+`labels` (the allowed set, order kept), else the label names, else the sorted
+unique labels found in the data. Integer labels (and digit strings, when there are
+label names) are indices into the label names; other strings are label names.
 """
 
 from __future__ import annotations
@@ -16,17 +17,21 @@ from __future__ import annotations
 import logging
 import random
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from .readers import DataError, parse_labels, read_rows
+from .readers import DataError, parse_filters, parse_labels, read_rows
 
 log = logging.getLogger(__name__)
 
 _INDEX = re.compile(r"[0-9]+")  # ASCII only: str.isdigit() also accepts '²' and Devanagari digits
+
+
+TRAIN_SPLITS = ("train",)  # the split a bare folder of splits gives for training...
+EVAL_SPLITS = ("test", "validation")  # ...and for evaluation: the first one it has
 
 
 @dataclass(frozen=True)
@@ -45,7 +50,8 @@ class ClassificationData:
 
 # ---------------------------------------------------------------------------
 # Recipes for the public exports of the paper's four datasets.
-# Use: load_examples(path, **dataclasses.asdict(apply_recipe("sst5"))).
+# Use: load_examples(path, **dataclasses.asdict(apply_recipe("sst5"))). Where an export also
+# names its labels (ClassLabel features), the recipe's names must agree with them.
 
 
 @dataclass(frozen=True)
@@ -61,14 +67,17 @@ RECIPES: dict[str, Recipe] = {
     # label_text column spells the same names in the same order.
     "sst5": Recipe("text", "label", ("very negative", "negative", "neutral", "positive", "very positive")),
     # dair-ai/emotion (columns text, label): the ClassLabel names of its
-    # dataset card, in index order.
-    "emotion": Recipe("text", "label", ("sadness", "joy", "love", "anger", "fear", "surprise")),
+    # dataset card, in index order. Not the bundled emotion data (data/README.md),
+    # whose labels are names (with disgust, without love) and need no recipe.
+    "dair_emotion": Recipe("text", "label", ("sadness", "joy", "love", "anger", "fear", "surprise")),
     # AmazonScience/massive, scenario task (columns utt, scenario, ...). The raw
     # release (amazon-massive-dataset-1.x, one JSONL per locale, all partitions
     # in one file) stores scenario as a name, which passes through; the Hugging
-    # Face Parquet export stores a ClassLabel index in the order of the _SCENARIOS
+    # Face export stores a ClassLabel index in the order of the _SCENARIOS
     # list of its loading script, reproduced here. Select the locale (the paper:
-    # en-US) and the partition before loading.
+    # en-US) and, in the raw release, the partition with filters (--filter
+    # locale=en-US,partition=train). The intent task: --text-field utt
+    # --label-field intent, named by the export's ClassLabel (60 intents).
     "massive": Recipe(
         "utt",
         "scenario",
@@ -83,6 +92,10 @@ RECIPES: dict[str, Recipe] = {
 
 
 def apply_recipe(name: str) -> Recipe:
+    if name == "emotion":  # once the name of dair_emotion; the bundled data is called emotion too
+        raise DataError("recipe 'emotion' is ambiguous: use --recipe dair_emotion for the Hub's dair-ai/emotion "
+                        "(sadness, joy, love, anger, fear, surprise); the bundled emotion data names its labels "
+                        "and takes no recipe")
     if name not in RECIPES:
         raise DataError(f"unknown dataset recipe {name!r}; known recipes: {', '.join(sorted(RECIPES))}")
     return RECIPES[name]
@@ -100,24 +113,37 @@ def load_examples(
     label_names: Sequence[str] | None = None,
     on_unknown_label: str = "error",
     encoding: str = "utf-8",
+    filters: Mapping[str, str] | None = None,
+    splits: Sequence[str] = TRAIN_SPLITS,
 ) -> ClassificationData:
-    """Read a .jsonl/.json (JSON Lines), .csv, .tsv or .parquet file of labelled texts.
+    """Read a .jsonl/.json (JSON Lines), .csv, .tsv, .parquet or .arrow file, or a folder of a
+    Hugging Face export (FOLDER or FOLDER:SPLIT; see gtacore/readers.py), of labelled texts.
 
-    on_unknown_label: "error" stops at the first label outside `labels` or
-    `label_names`; "skip" drops such rows and counts them in `.skipped`.
+    on_unknown_label: "error" stops at the first label outside the label set;
+    "skip" drops such rows and counts them in `.skipped`. filters: {field: value};
+    only rows where every field has that value are read (a ClassLabel field by its
+    name). splits: the splits a bare folder of splits tries, in order.
     Texts and labels are stripped of surrounding whitespace.
     """
     if on_unknown_label not in ("error", "skip"):
         raise ValueError(f"on_unknown_label must be 'error' or 'skip', got {on_unknown_label!r}")
-    path = Path(path)
     allowed = _label_list(labels, "labels")
     names = _label_list(label_names, "label_names")
+    filters = dict(filters or {})
+    rows = read_rows(path, (text_field, label_field, *filters), encoding, splits)
+    exported = rows.class_names.get(label_field)
+    if names is not None and exported is not None and names != exported:
+        raise DataError(f"{path}: the label names {names} disagree with the export's ClassLabel names {exported} "
+                        f"of field {label_field!r}; pass no label names (or another recipe)")
+    names = names if names is not None else exported
     label_set = allowed if allowed is not None else names
     known = set(label_set) if label_set is not None else None
 
-    examples, skipped = [], 0
-    for lineno, row in read_rows(path, (text_field, label_field), encoding):
-        where = f"{path}:{lineno}"
+    examples, skipped, unmatched = [], 0, 0
+    for where, row in rows.items:
+        if not _matches(row, filters, rows.class_names, where):
+            unmatched += 1
+            continue
         text = _text(row, text_field, where)
         label = _label(row, label_field, names, allowed, where)
         if known is not None and label not in known:
@@ -133,7 +159,8 @@ def load_examples(
     if skipped:
         log.warning("%s: skipped %d rows with labels outside the label set", path, skipped)
     if not examples:
-        raise DataError(f"{path}: no examples" + (f" ({skipped} rows skipped: unknown labels)" if skipped else ""))
+        raise DataError(f"{path}: no examples" + (f" ({skipped} rows skipped: unknown labels)" if skipped else "")
+                        + (f" (none of {unmatched} rows match the filter {filters})" if unmatched else ""))
     final = list(label_set) if label_set is not None else sorted({e.label for e in examples})
     return ClassificationData(examples, final, skipped)
 
@@ -148,6 +175,19 @@ def _label_list(labels: Sequence[str] | None, what: str) -> list[str] | None:
     if dup:
         raise DataError(f"{what}: duplicate labels {dup}")
     return out
+
+
+def _matches(row: dict, filters: dict[str, str], class_names: dict[str, list[str]], where: str) -> bool:
+    """Whether every filtered field of `row` has its value (a ClassLabel index compared by its name)."""
+    for field, wanted in filters.items():
+        if field not in row:
+            raise DataError(f"{where}: no field {field!r} to filter on; fields are {sorted(row)}")
+        value, names = row[field], class_names.get(field, [])
+        if isinstance(value, int) and 0 <= value < len(names):
+            value = names[value]
+        if str(value) != wanted:
+            return False
+    return True
 
 
 def _text(row: dict, field: str, where: str) -> str:
@@ -228,17 +268,21 @@ def _few_shot_indices(data: ClassificationData, k: int, seed: int) -> list[int]:
 
 def load_dataset_from_args(path: str, shots_path: str | None, recipe: str | None, text_field: str, label_field: str,
                            labels: str | None, shots: int, seed: int, skip_unknown: bool = False,
-                           label_set: list[str] | None = None) -> tuple[ClassificationData, list[Example]]:
-    """Load `path`; draw `shots` worked examples from `shots_path` (the training file)."""
+                           label_set: list[str] | None = None, *, filters: str | None = None,
+                           splits: Sequence[str] = TRAIN_SPLITS) -> tuple[ClassificationData, list[Example]]:
+    """Load `path` (a bare folder of splits: the first of `splits` it has); draw `shots` worked examples
+    from `shots_path` (the training data). filters: the --filter flag (FIELD=VALUE,...)."""
     label_names = None
     if recipe:
         r = apply_recipe(recipe)
         text_field, label_field, label_names = r.text_field, r.label_field, list(r.label_names) if r.label_names else None
     allowed = label_set or parse_labels(labels) or label_names
-    on_unknown = "skip" if skip_unknown else "error"
-    data = load_examples(path, text_field, label_field, labels=allowed, label_names=label_names, on_unknown_label=on_unknown)
+    on_unknown, row_filter = "skip" if skip_unknown else "error", parse_filters(filters)
+    data = load_examples(path, text_field, label_field, labels=allowed, label_names=label_names, on_unknown_label=on_unknown,
+                         filters=row_filter, splits=splits)
     source = data if shots_path in (None, path) else load_examples(shots_path, text_field, label_field, labels=data.labels,
-                                                                    label_names=label_names, on_unknown_label=on_unknown)
+                                                                    label_names=label_names, on_unknown_label=on_unknown,
+                                                                    filters=row_filter)
     if not shots:
         return data, []
     try:
@@ -269,16 +313,18 @@ class RunData:
 
 def load_run_data(cfg, say=print) -> RunData:
     """A run's data as `cfg.data` (a gtacore.config.DataArgs) names it; without --data, the bundled
-    emotion dataset (train and test split)."""
+    emotion dataset (train and test split). A bare folder of splits gives its `train` split for
+    --data and its `test` (else `validation`) split for --eval-data; --filter applies to both."""
     D, seed = cfg.data, cfg.run.seed
     if D.data is None:
         D.data, D.eval_data = str(BUNDLED_TRAIN), str(BUNDLED_TEST)
         say(f"data: {D.data} (bundled; pass --data FILE for your own)")
     train, shots = load_dataset_from_args(D.data, D.data, D.recipe, D.text_field, D.label_field, D.labels, D.shots, seed,
-                                          D.skip_unknown_labels)
+                                          D.skip_unknown_labels, filters=D.filter)
     eval_examples = []
     if D.eval_data:
         test, _ = load_dataset_from_args(D.eval_data, None, D.recipe, D.text_field, D.label_field, D.labels, 0, seed,
-                                         D.skip_unknown_labels, label_set=train.labels)
+                                         D.skip_unknown_labels, label_set=train.labels, filters=D.filter,
+                                         splits=EVAL_SPLITS)
         eval_examples = eval_subset(test.examples, D.max_eval_examples, seed)
     return RunData(train, train.labels, shots, eval_examples)

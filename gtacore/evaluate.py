@@ -31,7 +31,7 @@ from models.generate import SamplingParams, generate
 from models.tokenizer import Tokenizer
 
 from .config import Config, add_config_flags, apply_flags, bound_problems, config_file_values
-from .data import Example, eval_subset, load_dataset_from_args, load_run_data
+from .data import EVAL_SPLITS, Example, eval_subset, load_dataset_from_args, load_run_data
 from .distributed import DistInfo, init_distributed, shutdown
 from .parallel import compute_precision
 from .metrics import classification_report, format_table, guess_answer_changes, label_counts, label_distribution
@@ -132,11 +132,12 @@ def evaluate(model, tok: Tokenizer, data: list[Example], labels: list[str], mode
 
 # The training config's fields this command takes: {(section, field): (flag, help or None for the field's)}.
 FIELDS = {
-    ("data", "eval_data"): ("--data", "evaluation file (.jsonl, .csv, .tsv, .parquet)"),
+    ("data", "eval_data"): ("--data", "evaluation file (.jsonl, .csv, .tsv, .parquet, .arrow) or a dataset export "
+                                      "folder (its test split, else validation; FOLDER:SPLIT picks one)"),
     ("data", "data"): ("--train-data", "the training file: the label set and the worked examples come from it"),
     **{("data", n): ("--" + n.replace("_", "-"), None) for n in ("recipe", "text_field", "label_field", "labels",
                                                                  "skip_unknown_labels", "shots", "system_prompt",
-                                                                 "template_system_prompt")},
+                                                                 "template_system_prompt", "filter")},
     ("data", "max_eval_examples"): ("--max-examples", "evaluate on at most this many examples, a seeded sample (0 = all)"),
     ("loss", "mode"): ("--mode", "the output format to ask for and parse"),
     **{("rollout", n): ("--" + n.replace("_", "-"), None) for n in ("max_new_tokens", "max_prompt_tokens", "long_prompts")},
@@ -178,7 +179,7 @@ def load_eval_set(cfg: Config) -> tuple[list[Example], list[str], list[Example]]
         data = load_run_data(cfg)
         return data.eval_examples, data.labels, data.shots
     test, _ = load_dataset_from_args(D.eval_data, None, D.recipe, D.text_field, D.label_field, D.labels, 0, cfg.run.seed,
-                                     D.skip_unknown_labels)
+                                     D.skip_unknown_labels, filters=D.filter, splits=EVAL_SPLITS)
     return eval_subset(test.examples, D.max_eval_examples, cfg.run.seed), test.labels, []
 
 

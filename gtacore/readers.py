@@ -1,28 +1,114 @@
-"""File readers: (file line, row dict) from JSONL, CSV/TSV or Parquet, and label lists, with errors
-naming the file and line (gtacore/data.py turns rows into examples)."""
+"""File readers: rows as ("file:line", row dict) from JSONL, CSV/TSV, Parquet or Arrow files and from
+Hugging Face dataset exports, and label lists, with errors naming the file and line
+(gtacore/data.py turns rows into examples).
+
+A data path is a file or a folder of Parquet/Arrow files, as the Hub and `datasets` write them:
+
+- shards named by split: `data/train-00000-of-00002.parquet`, `split/test-00000-of-00001.parquet`;
+- one folder per split: `default/train/0000.parquet` (the Hub's refs/convert/parquet branch), or
+  `save_to_disk` of a DatasetDict (`dataset_dict.json`, and per split a folder with `state.json`,
+  `dataset_info.json` and `data-00000-of-00001.arrow`, an Arrow IPC stream);
+- one dataset: `save_to_disk` of a Dataset (the files its `state.json` lists), or any other
+  `.parquet`/`.arrow` files, read in name order.
+
+`FOLDER:SPLIT` picks a split; a bare folder of splits gives the first of the caller's defaults it has.
+"""
 
 from __future__ import annotations
 
 import csv
 import io
 import json
-from collections.abc import Iterator
+import re
+from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import NamedTuple
 
 
 class DataError(ValueError):
     """A bad data file, label list or sampler setting; the message says where."""
 
 
-def read_rows(path: Path, fields: tuple[str, str], encoding: str) -> Iterator[tuple[int, dict]]:
-    suffix = path.suffix.lower()
-    if suffix == ".parquet":
-        return _parquet_rows(path, fields)
+class Rows(NamedTuple):
+    items: Iterator[tuple[str, dict]]  # ("file:line" or "file:row", row)
+    class_names: dict[str, list[str]]  # column -> the names of its ClassLabel feature (Hugging Face exports)
+
+
+COLUMNAR = (".parquet", ".arrow")
+SHARD = re.compile(r"(.+?)-\d+-of-\d+(?:-[0-9a-f]+)?")  # SPLIT-00000-of-00002[-HASH]: the Hub's shard names
+
+
+def read_rows(path: str | Path, fields: Sequence[str], encoding: str, splits: Sequence[str]) -> Rows:
+    """The rows of `path` (a file, FOLDER or FOLDER:SPLIT; `splits`: the splits a bare FOLDER
+    tries, in order); `fields` must exist."""
+    files = data_files(str(path), splits)
+    suffix = files[0].suffix.lower()
+    if suffix in COLUMNAR:
+        return _columnar_rows(files, fields)
+    path = files[0]
     if suffix in (".jsonl", ".json"):
-        return _jsonl_rows(path, decode_file(path, encoding))
-    if suffix in (".csv", ".tsv"):
-        return _delimited_rows(path, decode_file(path, encoding), "," if suffix == ".csv" else "\t", fields)
-    raise DataError(f"{path}: unknown file type {path.suffix!r}; expected .jsonl, .json, .csv, .tsv or .parquet")
+        rows = _jsonl_rows(path, decode_file(path, encoding))
+    elif suffix in (".csv", ".tsv"):
+        rows = _delimited_rows(path, decode_file(path, encoding), "," if suffix == ".csv" else "\t", fields)
+    else:
+        raise DataError(f"{path}: unknown file type {path.suffix!r}; expected .jsonl, .json, .csv, .tsv, .parquet "
+                        "or .arrow, or a folder of .parquet/.arrow files")
+    return Rows(((f"{path}:{lineno}", row) for lineno, row in rows), {})
+
+
+def data_files(spec: str, splits: Sequence[str]) -> list[Path]:
+    """The files `spec` names: [the file], a folder's one dataset, or the files of a split."""
+    path, split = Path(spec), None
+    head, colon, tail = spec.rpartition(":")
+    if head and colon and not path.exists() and Path(head).is_dir():
+        path, split = Path(head), tail
+    if not path.is_dir():
+        return [path]
+    found = _splits(path)
+    if not found:
+        raise DataError(f"{path}: no .parquet or .arrow files in this folder or its subfolders")
+    if list(found) == [""]:
+        if split:
+            raise DataError(f"{spec}: {path} holds one dataset, not splits; drop ':{split}'")
+        return found[""]
+    wanted = [split] if split else list(splits)
+    for name in wanted:
+        if name in found:
+            return found[name]
+    raise DataError(f"{spec}: no split {' or '.join(map(repr, wanted))}; the splits are {sorted(found)} "
+                    f"(pick one as {path}:SPLIT)")
+
+
+def _splits(folder: Path) -> dict[str, list[Path]]:
+    """A folder's data files by split; a folder holding one dataset gives {"": files}."""
+    files = _files(folder)
+    if not files:  # one subfolder per split
+        return {sub.name: _files(sub) for sub in sorted(folder.iterdir()) if sub.is_dir() and _files(sub)}
+    names = [SHARD.fullmatch(file.stem) for file in files]
+    if (folder / "state.json").is_file() or not all(names):
+        return {"": files}
+    found: dict[str, list[Path]] = {}
+    for name, file in zip(names, files):
+        found.setdefault(name[1], []).append(file)
+    return found
+
+
+def _files(folder: Path) -> list[Path]:
+    """The data files directly in `folder`: those a save_to_disk `state.json` lists, else every .parquet/.arrow file."""
+    state = folder / "state.json"
+    if not state.is_file():
+        return sorted(p for p in folder.iterdir() if p.suffix.lower() in COLUMNAR and p.is_file())
+    try:
+        saved = json.loads(state.read_text(encoding="utf-8"))
+        files = [folder / f["filename"] for f in saved["_data_files"]]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise DataError(f"{state}: not a save_to_disk state file ({type(e).__name__}: {e})") from None
+    if saved.get("_indices_data_files"):
+        # Older datasets versions saved a shuffle/select/filter as an index over the unchanged rows.
+        raise DataError(f"{state}: this save_to_disk folder keeps an indices mapping (an older datasets version), "
+                        "which would be read as the unselected rows; re-save it with a current datasets, or export "
+                        "Parquet")
+    return files
 
 
 def decode_file(path: Path, encoding: str) -> str:
@@ -65,7 +151,7 @@ def _jsonl_rows(path: Path, text: str) -> Iterator[tuple[int, dict]]:
         yield lineno, row
 
 
-def _delimited_rows(path: Path, text: str, delimiter: str, fields: tuple[str, str]) -> Iterator[tuple[int, dict]]:
+def _delimited_rows(path: Path, text: str, delimiter: str, fields: Sequence[str]) -> Iterator[tuple[int, dict]]:
     # strict: a stray quote fails loudly at its line instead of silently
     # swallowing the rest of the file into one field (quoting as pandas writes it).
     reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter, strict=True)
@@ -94,23 +180,65 @@ def _delimited_rows(path: Path, text: str, delimiter: str, fields: tuple[str, st
         ) from None
 
 
-def _parquet_rows(path: Path, fields: tuple[str, str]) -> Iterator[tuple[int, dict]]:
+def _columnar_rows(files: list[Path], fields: Sequence[str]) -> Rows:
+    """Parquet or Arrow files, one dataset's shards in order: rows of the columns `fields` names."""
     try:
-        import pyarrow as pa
-        import pyarrow.parquet as pq
+        import pyarrow  # noqa: F401
     except ImportError:
-        raise DataError(f"{path}: reading Parquet needs pyarrow, which is not installed: pip install pyarrow") from None
+        kind = "Parquet" if files[0].suffix.lower() == ".parquet" else "Arrow"
+        raise DataError(f"{files[0]}: reading {kind} needs pyarrow, which is not installed: "
+                        "pip install 'gtacore[parquet]' (or pip install pyarrow)") from None
+    columns = list(dict.fromkeys(fields))
+    read = [(file, *_read_columns(file, columns)) for file in files]  # (file, schema, table)
+    if not any(table.num_rows for _, _, table in read):
+        raise DataError(f"{files[0]}: file is empty" if len(files) == 1 else f"{files[0].parent}: all {len(files)} files are empty")
+    rows = ((f"{file}:{i}", row) for file, _, table in read for i, row in enumerate(table.to_pylist(), 1))
+    return Rows(rows, _class_names(read[0][1], files[0]))
+
+
+def _read_columns(file: Path, columns: list[str]):
+    """(schema, table of `columns`) of a Parquet or Arrow file."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    parquet = file.suffix.lower() == ".parquet"
     try:
-        columns = pq.read_schema(path).names
-        for name in fields:
-            if name not in columns:
-                raise DataError(f"{path}: no column {name!r}; the columns are {columns}")
-        table = pq.read_table(path, columns=list(dict.fromkeys(fields)))
+        stream = None if parquet else _arrow_stream(pa, file)
+        schema = pq.read_schema(file) if parquet else stream.schema
+        for name in columns:
+            if name not in schema.names:
+                raise DataError(f"{file}: no column {name!r}; the columns are {schema.names}")
+        return schema, pq.read_table(file, columns=columns) if parquet else stream.read_all().select(columns)
     except (pa.ArrowException, OSError) as e:
-        raise DataError(f"{path}: cannot read as Parquet: {e}") from None
-    if table.num_rows == 0:
-        raise DataError(f"{path}: file is empty")
-    yield from enumerate(table.to_pylist(), 1)
+        raise DataError(f"{file}: cannot read as {'Parquet' if parquet else 'Arrow'}: {e}") from None
+
+
+def _arrow_stream(pa, file: Path):
+    """A reader of an Arrow IPC stream (what `datasets` writes), or of the IPC file format (Feather v2)."""
+    source = pa.memory_map(str(file))
+    try:
+        return pa.ipc.open_stream(source)
+    except pa.ArrowInvalid:
+        return pa.ipc.open_file(source)
+
+
+def _class_names(schema, file: Path) -> dict[str, list[str]]:
+    """Column -> class names of its ClassLabel feature. `datasets` stores the features in the schema
+    metadata ({"info": {"features": {column: {"names": [...], "_type": "ClassLabel"}, ...}}} under
+    the key `huggingface`); save_to_disk also writes them to dataset_info.json (key "features")."""
+    metadata, info = (schema.metadata or {}).get(b"huggingface"), file.parent / "dataset_info.json"
+    try:
+        if metadata:
+            features = json.loads(metadata)["info"]["features"]
+        elif info.is_file():
+            features = json.loads(info.read_text(encoding="utf-8"))["features"]
+        else:
+            return {}
+        return {name: list(feature["names"]) for name, feature in (features or {}).items()
+                if isinstance(feature, dict) and feature.get("_type") == "ClassLabel"}
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        where = file if metadata else info
+        raise DataError(f"{where}: malformed Hugging Face features ({type(e).__name__}: {e})") from None
 
 
 # ---------------------------------------------------------------------------
@@ -139,3 +267,16 @@ def parse_labels(labels: str | None) -> list[str] | None:
     if Path(labels).is_file():
         return read_label_file(labels)
     return [x.strip() for x in labels.split(",") if x.strip()]
+
+
+def parse_filters(text: str | None) -> dict[str, str]:
+    """`field=value,field=value` (the --filter flag) as {field: value}; rows must match them all."""
+    filters: dict[str, str] = {}
+    for item in text.split(",") if text else []:
+        field, equals, value = (part.strip() for part in item.partition("="))
+        if not equals or not field:
+            raise DataError(f"--filter {text!r}: expected FIELD=VALUE[,FIELD=VALUE...], got {item!r}")
+        if field in filters:
+            raise DataError(f"--filter {text!r}: field {field!r} is given twice; a row has one value")
+        filters[field] = value
+    return filters

@@ -184,13 +184,13 @@ def test_parquet(tmp_path):
 
 
 def test_recipes(tmp_path):
-    assert set(RECIPES) == {"sst5", "emotion", "massive", "bbc_news"}
+    assert set(RECIPES) == {"sst5", "dair_emotion", "massive", "bbc_news"}
     assert len(apply_recipe("sst5").label_names) == 5
-    assert apply_recipe("emotion").label_names == ("sadness", "joy", "love", "anger", "fear", "surprise")
+    assert apply_recipe("dair_emotion").label_names == ("sadness", "joy", "love", "anger", "fear", "surprise")
     massive = apply_recipe("massive").label_names
     assert len(massive) == len(set(massive)) == 18
     assert apply_recipe("bbc_news").label_field == "label_text"
-    with pytest.raises(DataError, match="recipe 'imdb'; known recipes: bbc_news, emotion, massive, sst5"):
+    with pytest.raises(DataError, match="recipe 'imdb'; known recipes: bbc_news, dair_emotion, massive, sst5"):
         apply_recipe("imdb")
 
 
@@ -198,7 +198,7 @@ def test_recipes(tmp_path):
     "recipe, row, label",
     [
         ("sst5", {"text": "meh", "label": 2, "label_text": "neutral"}, "neutral"),
-        ("emotion", {"text": "i feel scared", "label": 4}, "fear"),
+        ("dair_emotion", {"text": "i feel scared", "label": 4}, "fear"),
         ("massive", {"utt": "wake me at 7", "scenario": 16}, "alarm"),  # HF Parquet export: an index
         ("massive", {"utt": "wake me at 7", "scenario": "alarm"}, "alarm"),  # raw release: a name
         ("bbc_news", {"text": "Shares fell", "label": 1, "label_text": "business"}, "business"),
