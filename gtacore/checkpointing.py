@@ -19,15 +19,28 @@ on any number of ranks, sharded or not (a DDP file is one shard holding all rows
 
 Sampling randomness needs no saved state: each step reseeds its generator from
 (seed, step, rank), so a resumed run draws the same numbers as an unbroken one.
+
+Weights saved in a lower precision than the parameters (`--save-dtype bfloat16`
+with fp32 parameters): the HF files hold the rounded weights, and the trainer
+state also holds the fp32 parameters ("master.{param index}", the optimizer's
+rows), which `load_trainer_state` puts back, so resuming stays exact.
+
+Keeping only the newest checkpoints (`remove_old_checkpoints`): a checkpoint is
+first renamed to `.checkpoint-STEP.deleting-PID`, which `latest_checkpoint`
+never takes, then removed; a kill in between leaves only that hidden folder,
+and `remove_partial_checkpoints` clears it.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
+import sys
 from contextlib import ExitStack
 from pathlib import Path
+from typing import Iterable
 
 import torch
 import torch.distributed as dist
@@ -42,6 +55,8 @@ from .parallel import as_param_shard, full_state_dict, is_sharded, local, local_
 
 STATE_TENSORS = "trainer_state.safetensors"
 STATE_JSON = "trainer_state.json"
+MASTER = "master"  # trainer-state tensors "master.{param index}": the parameters, when the HF weights are cast
+DELETING = ".deleting-"  # ".checkpoint-STEP.deleting-PID": a checkpoint being deleted (see remove_old_checkpoints)
 
 
 class TrainingError(RuntimeError):
@@ -52,31 +67,50 @@ def checkpoint_dir(output_dir: str | Path, step: int) -> Path:
     return Path(output_dir) / f"checkpoint-{step}"
 
 
-def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, list[int]], list]:
+def _optimizer_tensors(optimizer: torch.optim.Optimizer, weights_dtype: torch.dtype | None = None,
+                       ) -> tuple[dict[str, torch.Tensor], dict[str, list[int]], list]:
     """This rank's optimizer tensors ("optimizer.{param index}.{key}"), the rows each
-    parameter's tensors cover, and the param groups."""
+    parameter's tensors cover, and the param groups. Parameters whose dtype differs from
+    `weights_dtype` (the dtype of the HF weight files) are added as "master.{param index}"."""
     opt_state = optimizer.state_dict()
     params = [p for g in optimizer.param_groups for p in g["params"]]
-    tensors, rows = {}, {}
+    tensors = {}
+    rows = {str(idx): list(local_rows(p)) for idx, p in enumerate(params)}
     for idx, per_param in opt_state["state"].items():
         for key, value in per_param.items():
             tensors[f"optimizer.{idx}.{key}"] = local(torch.as_tensor(value)).detach().cpu().contiguous()
-        rows[str(idx)] = list(local_rows(params[idx]))
+    if weights_dtype is not None:
+        for idx, p in enumerate(params):
+            if p.dtype != weights_dtype:
+                tensors[f"{MASTER}.{idx}"] = local(p).detach().cpu().contiguous()
     return tensors, rows, opt_state["param_groups"]
 
 
+def _weights_in(model, weights: dict[str, torch.Tensor] | None, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """The HF tensors to write (`weights`, or the model's own), floating-point ones cast to `dtype` on the CPU."""
+    tensors = dict(model.state_dict() if weights is None else weights)
+    if model.config.tie_word_embeddings:
+        tensors.pop("lm_head.weight", None)  # not written (save_pretrained drops it too): no copy to make
+    return {k: t.detach().to("cpu").to(dtype) if t.is_floating_point() else t for k, t in tensors.items()}
+
+
 def save_checkpoint(path: Path, model, tokenizer_dir, optimizer: torch.optim.Optimizer | None, state: dict,
-                    info: DistInfo | None = None) -> Path:
+                    info: DistInfo | None = None, dtype: str | torch.dtype | None = None) -> Path:
     """Write model + trainer state to `path` as one atomic folder.
 
     Unsharded models: call on rank 0 only. Sharded (FSDP) models: call on every
     rank; weights are gathered to rank 0, each rank writes its optimizer shard.
+    dtype: the HF weight files' dtype (None: the parameters' own). Parameters of
+    another dtype are also kept, exactly, in the trainer state (`MASTER`).
     """
     sharded = is_sharded(model)
     if info is None:  # a sharded model lives in a process group: every rank's part is needed
         info = DistInfo(dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else DistInfo()
+    dtype = None if dtype is None else models.parse_dtype(dtype)
     weights = full_state_dict(model, info.is_main) if sharded else None
-    tensors, rows, groups = _optimizer_tensors(optimizer) if optimizer is not None else ({}, {}, [])
+    if dtype is not None and info.is_main:
+        weights = _weights_in(model, weights, dtype)
+    tensors, rows, groups = _optimizer_tensors(optimizer, dtype) if optimizer is not None else ({}, {}, [])
     staging = path.parent / f".{path.name}.state-shards"
     names = [STATE_TENSORS]
     if sharded and info.world_size > 1:
@@ -106,28 +140,79 @@ def save_checkpoint(path: Path, model, tokenizer_dir, optimizer: torch.optim.Opt
     return path
 
 
-def save_training(path: Path, model, tokenizer_dir, optimizer: torch.optim.Optimizer, state: dict, info: DistInfo) -> None:
+def save_training(path: Path, model, tokenizer_dir, optimizer: torch.optim.Optimizer, state: dict, info: DistInfo,
+                  dtype: str | torch.dtype | None = None, keep_last: int = 0, protect: Iterable[Path | None] = ()) -> list[Path]:
     """`save_checkpoint` from a training run (every rank calls it), after the checks that keep
-    a bad state off the disk: finite parameters, and (DDP) the same parameters on every rank."""
+    a bad state off the disk: finite parameters, and (DDP) the same parameters on every rank.
+
+    keep_last > 0: once the new checkpoint is complete (and, sharded, every rank is past the
+    write), rank 0 deletes all but the `keep_last` newest complete checkpoints, never `path`
+    nor those in `protect` (`remove_old_checkpoints`). Returns what was deleted ([] off rank 0).
+    """
     params = [p for group in optimizer.param_groups for p in group["params"]]
     if not all_finite([local(p) for p in params], info):
         raise TrainingError(f"the parameters are not finite at step {state['step']}; not writing {path}")
     if is_sharded(model):  # every rank takes part: weights are gathered, each writes its optimizer shard
-        save_checkpoint(path, model, tokenizer_dir, optimizer, state, info)
-        return
-    assert_replicas_identical(params, info)
-    if info.is_main:
-        save_checkpoint(path, model, tokenizer_dir, optimizer, state, info)
+        save_checkpoint(path, model, tokenizer_dir, optimizer, state, info, dtype)  # ends with a barrier
+    else:
+        assert_replicas_identical(params, info)
+        if info.is_main:
+            save_checkpoint(path, model, tokenizer_dir, optimizer, state, info, dtype)
+    if not info.is_main or keep_last <= 0:
+        return []
+    return remove_old_checkpoints(path.parent, keep_last, protect=[path, *protect])
+
+
+def _complete_checkpoints(output_dir: str | Path) -> list[tuple[int, Path]]:
+    """(step, folder) of every complete checkpoint (one with its trainer state), newest first."""
+    found = []
+    for p in Path(output_dir).glob("checkpoint-*"):
+        m = re.fullmatch(r"checkpoint-(\d+)", p.name)
+        if m and (p / STATE_JSON).is_file():
+            found.append((int(m.group(1)), p))
+    return sorted(found, key=lambda sp: sp[0], reverse=True)
 
 
 def latest_checkpoint(output_dir: str | Path) -> Path | None:
     """The complete checkpoint with the highest step, or None."""
-    best, best_step = None, -1
-    for p in Path(output_dir).glob("checkpoint-*"):
-        m = re.fullmatch(r"checkpoint-(\d+)", p.name)
-        if m and (p / STATE_JSON).is_file() and int(m.group(1)) > best_step:
-            best, best_step = p, int(m.group(1))
-    return best
+    complete = _complete_checkpoints(output_dir)
+    return complete[0][1] if complete else None
+
+
+def remove_old_checkpoints(output_dir: str | Path, keep_last: int, protect: Iterable[Path | None] = ()) -> list[Path]:
+    """Delete every complete checkpoint but the `keep_last` newest (by step) and those in
+    `protect`; return the deleted ones. Folders without their trainer state are not touched.
+
+    Crash-safe: each is first renamed to `.checkpoint-STEP.deleting-PID` (one atomic rename:
+    from then on `latest_checkpoint` no longer sees it), then removed. A kill in between
+    leaves that hidden folder, which `remove_partial_checkpoints` clears. A removal that
+    fails (e.g. files held open on NFS) is reported and left for that cleanup; training goes on.
+    """
+    if keep_last <= 0:
+        return []
+    kept = {Path(p).absolute() for p in protect if p is not None}
+    removed = []
+    for _, p in _complete_checkpoints(output_dir)[keep_last:]:
+        if p.absolute() in kept:
+            continue
+        doomed = p.with_name(f".{p.name}{DELETING}{os.getpid()}")
+        _remove(doomed)  # a leftover of an earlier deletion under the same name
+        os.rename(p, doomed)
+        try:
+            _remove(doomed, strict=True)
+        except OSError as e:
+            print(f"warning: could not delete {doomed} ({e}); it is removed when a run next starts in "
+                  f"{p.parent}", file=sys.stderr, flush=True)
+        removed.append(p)
+    return removed
+
+
+def _remove(p: Path, strict: bool = False) -> None:
+    """Delete a folder, or only the link when it is a symlink (its target belongs to someone else)."""
+    if p.is_symlink():
+        p.unlink()
+    elif p.exists():
+        shutil.rmtree(p, ignore_errors=not strict)
 
 
 def remove_partial_checkpoints(output_dir: str | Path) -> list[Path]:
@@ -137,24 +222,31 @@ def remove_partial_checkpoints(output_dir: str | Path) -> list[Path]:
     of a sharded save: deleted. `.NAME.old-*` is the
     previous NAME, moved aside just before its replacement was moved in: if the
     kill came between the two moves, NAME is missing and the old folder goes back.
+    `.NAME.deleting-*` is an old checkpoint whose deletion (`--save-total-limit`)
+    never finished: deleted (a symlink only unlinked).
     """
     out = Path(output_dir)
     removed = []
-    for p in sorted(out.glob(".*.old-*")) + sorted(out.glob(".*.tmp-*")) + sorted(out.glob(".*.state-shards")):
+    for p in (sorted(out.glob(".*.old-*")) + sorted(out.glob(".*.tmp-*")) + sorted(out.glob(".*.state-shards"))
+              + sorted(out.glob(f".*{DELETING}*"))):
         name = p.name[1:].rsplit(".", 1)[0]  # ".checkpoint-4.old-123" -> "checkpoint-4"
-        if not p.is_dir() or not (name.startswith("checkpoint-") or name == "final"):
+        if not (p.is_dir() or p.is_symlink()) or not (name.startswith("checkpoint-") or name == "final"):
             continue
         if ".old-" in p.name and not (out / name).exists():
             p.rename(out / name)
             continue
-        shutil.rmtree(p, ignore_errors=True)
+        _remove(p)
         removed.append(p)
     return removed
 
 
 def load_trainer_state(path: Path, optimizer: torch.optim.Optimizer | None) -> dict:
     """Restore the optimizer from a checkpoint folder (any number of ranks, sharded
-    or not, on either side); return the JSON trainer state."""
+    or not, on either side); return the JSON trainer state. When the trainer state holds
+    the parameters (`MASTER`: the HF weights were saved in a lower precision), they are
+    copied into the optimizer's parameters, replacing the rounded weights loaded from the
+    HF files; a checkpoint whose HF weights are of lower precision than the parameters
+    and which lacks them is refused (resuming would round every weight)."""
     state = json.loads((path / STATE_JSON).read_text())
     files = state.pop("state_files", [STATE_TENSORS])
     groups = state.pop("optimizer_param_groups")
@@ -174,15 +266,48 @@ def load_trainer_state(path: Path, optimizer: torch.optim.Optimizer | None) -> d
             for key in r.keys():
                 holders.setdefault(key, []).append(i)
         per_param: dict[int, dict] = {}
+        masters: dict[int, torch.Tensor] = {}
         for name, files_with in holders.items():
+            chosen = [(readers[i], covers[i]) for i in files_with]
+            if name.startswith(MASTER + "."):
+                idx = int(name.split(".")[1])
+                masters[idx] = _read_rows(chosen, idx, name, params[idx], path)
+                continue
             _, idx, key = name.split(".", 2)
             param = params[int(idx)]
-            chosen = [(readers[i], covers[i]) for i in files_with]
             per_param.setdefault(int(idx), {})[key] = _read_rows(chosen, int(idx), name, param, path)
+    _check_weights_precision(path, params, masters)
     optimizer.load_state_dict({"state": per_param, "param_groups": groups})
     for group, settings in zip(optimizer.param_groups, live):
         group.update(settings)
+    with torch.no_grad():
+        for idx, master in masters.items():
+            param = params[idx]
+            if master.shape != param.shape or master.dtype != param.dtype:
+                raise CheckpointError(f"{path}: the saved parameter {MASTER}.{idx} is {master.dtype} {tuple(master.shape)}, "
+                                      f"the parameter {param.dtype} {tuple(param.shape)}")
+            local(param).copy_(local(master))
     return state
+
+
+def _check_weights_precision(path: Path, params: list[torch.Tensor], masters: dict[int, torch.Tensor]) -> None:
+    """Refuse to resume from HF weights of lower precision than the parameters without the exact ones."""
+    try:
+        saved = json.loads((path / "config.json").read_text()).get("torch_dtype")
+    except (OSError, ValueError, AttributeError):
+        return  # no readable config.json: loading the weights reports it
+    try:
+        saved = models.parse_dtype(saved)
+    except ValueError:
+        return
+    lossy = [i for i, p in enumerate(params) if p.is_floating_point() and torch.finfo(saved).bits < torch.finfo(p.dtype).bits
+             and i not in masters]
+    if lossy:
+        raise CheckpointError(f"{path}: its weights are {saved} but the parameters are "
+                              f"{params[lossy[0]].dtype}, and its trainer state lacks the exact ones ({MASTER}.{lossy[0]}, ...); "
+                              "resuming would round every weight. Resume from a checkpoint written by train.py "
+                              "(--save-dtype keeps the exact parameters in the trainer state), or start a new run "
+                              "with --model on this folder")
 
 
 def _read_rows(holders, idx: int, name: str, param: torch.Tensor, path: Path) -> torch.Tensor:

@@ -10,6 +10,9 @@ Writing: config.json, safetensors shards (with an index when more than one),
 the tokenizer files. Everything is written into a temporary sibling folder and
 renamed into place, so a crash mid-write never leaves a half-written checkpoint
 where a complete one is expected.
+
+Sharing: `link_pretrained` makes a second HF folder whose weight files are hard
+links to another's (one copy on disk; a copy where the filesystem refuses links).
 """
 
 from __future__ import annotations
@@ -153,6 +156,8 @@ def write_checkpoint(
                 weight_map.update({name: fname for name in shard})
             total = sum(t.numel() * t.element_size() for t in tensors.values())
             (tmp / INDEX_FILE).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+        if "torch_dtype" in config and "dtype" in config:  # transformers >= 4.56 reads "dtype": keep both spellings true
+            config = {**config, "dtype": config["torch_dtype"]}
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
         if tokenizer_dir is not None:
             for fname in TOKENIZER_FILES:
@@ -169,6 +174,40 @@ def write_checkpoint(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return path
+
+
+def link_pretrained(src: str | Path, dst: str | Path) -> bool:
+    """Make `dst` an HF-layout folder holding `src`'s weights, config and tokenizer files (not
+    its trainer state), atomically as `write_checkpoint` does. The weight files are hard links
+    to `src`'s, so the weights are on disk once; deleting either folder later leaves the other
+    whole. Where the filesystem refuses hard links (another filesystem, no link support) they
+    are copied. The small files are always copied, so editing one folder's config.json never
+    changes the other's. Returns True when every weight file is shared.
+
+    Either folder's weight files must then only ever be replaced, never rewritten in place
+    (which `write_checkpoint` and transformers' save_pretrained do).
+    """
+    src, dst = Path(src), Path(dst)
+    weights = sorted({f.name for f in _tensor_files(src).values()})  # checks src has weights
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.tmp-", dir=dst.parent))
+    shared = True
+    try:
+        for name in weights:
+            try:
+                os.link(src / name, tmp / name)
+            except OSError:  # EXDEV, EPERM, ENOTSUP, EMLINK...: a plain copy
+                shutil.copyfile(src / name, tmp / name)
+                shared = False
+        for name in ("config.json", INDEX_FILE, *TOKENIZER_FILES):
+            if (src / name).is_file():
+                shutil.copyfile(src / name, tmp / name)
+        _fsync_dir(tmp)
+        _replace_dir(tmp, dst)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return shared
 
 
 def _fsync_dir(folder: Path) -> None:
