@@ -34,9 +34,9 @@ from gtacore.losses import Branch, forward_backward, logprobs
 from gtacore.memory import estimate_for_run, format_estimate
 from gtacore.metrics import CollapseWatch, StepMetrics, Stopwatch, print_summary
 from gtacore.packing import RL_ROW, SFT_ROW, global_row_counts_, pack_prompts, pack_rows
-from gtacore.parallel import (average_gradients, compute_precision, full_state_dict, grad_norm_and_health, load_models,
-                              local, reshard)
+from gtacore.parallel import average_gradients, compute_precision, grad_norm_and_health, load_models, local, reshard
 from gtacore.progress import Progress
+from gtacore.reporting import Reporter
 from gtacore.projection import apply_gradient_constraint
 from gtacore.prompts import make_prompts, print_dry_run, sft_targets
 from gtacore.rollout import rollout
@@ -72,12 +72,6 @@ def train_step(cfg: Config, step: int, policy, rollout_model, ref_model, tok, pr
     autocast = compute_precision(cfg.model.precision, dev)  # bf16-mixed: bf16 compute, fp32 weights and grads
     clock, metrics = Stopwatch("rollout", "ref_old_logprobs", "forward_backward", "constraint", "optimizer"), StepMetrics()
     settings = L.settings(R.temperature, R.batch_size * G * R.max_new_tokens)
-    prompt_rows = pack_prompts([p.ids for p in prompts], dev) if L.shared_prefix else [p.ids for p in prompts]
-    branches = []
-    if L.mode in ("gta", "sft"):  # SFT: prompt + gold target, teacher-forced at temperature 1, no KL
-        targets, masks = sft_targets(tok, prompts, L.mode)
-        sft_rows = pack_rows(prompt_rows, range(len(prompts)), targets, masks, SFT_ROW, None, dev)
-        branches.append(Branch(sft_rows, replace(settings, temperature=1.0, beta=0.0)))
     if L.mode != "sft":  # RL: G sampled completions per prompt, rewarded, advantages within each group
         with clock("rollout"), autocast:
             ro = rollout(rollout_model, tok, prompts, L.mode, R, step_generator(cfg, step, info))
@@ -85,11 +79,18 @@ def train_step(cfg: Config, step: int, policy, rollout_model, ref_model, tok, pr
         rewards, parsed = batch_rewards(ro.texts, golds, labels, L.mode, L.w_format, L.w_acc,
                                         load_reward_fn(L.reward_fn) if L.reward_fn else None)
         advantages = group_advantages(rewards, G, scale_std=L.scale_std)
-        rl_rows = pack_rows(prompt_rows, [r // G for r in range(len(golds))], ro.completions, ro.rl_masks, RL_ROW,
-                            advantages.tolist(), dev)
-        rl = Branch(rl_rows, settings)
-        branches.append(rl)
         metrics.rollout(rewards, parsed, golds, labels, ro.num_tokens, clock.seconds["rollout"], L.mode)
+    # The loss rows: each prompt once (shared prefix), then its SFT target and its G completions.
+    prompt_rows = pack_prompts([p.ids for p in prompts], dev) if L.shared_prefix else [p.ids for p in prompts]
+    branches = []
+    if L.mode in ("gta", "sft"):  # SFT: prompt + gold target, teacher-forced at temperature 1, no KL
+        targets, masks = sft_targets(tok, prompts, L.mode)
+        sft_rows = pack_rows(prompt_rows, range(len(prompts)), targets, masks, SFT_ROW, None, dev)
+        branches.append(Branch(sft_rows, replace(settings, temperature=1.0, beta=0.0)))
+    if L.mode != "sft":
+        rl = Branch(pack_rows(prompt_rows, [r // G for r in range(len(golds))], ro.completions, ro.rl_masks, RL_ROW,
+                              advantages.tolist(), dev), settings)
+        branches.append(rl)
     global_row_counts_([b.rows for b in branches], info)  # the loss means are over the global batch
     with clock("ref_old_logprobs"), autocast:
         if L.mode != "sft" and L.beta > 0:
@@ -189,11 +190,13 @@ def run(cfg: Config, info: DistInfo) -> None:
         if info.is_main:
             with open(out_dir / "eval.jsonl", "a") as f:
                 f.write(json.dumps({"step": step, "tag": tag, **{k: v for k, v in report.items() if k != "samples"}}) + "\n")
+            reporter.log(report, step, "eval")
         return report
 
     def save(path: Path, step: int) -> None:
         state = {"step": step, "sampler": sampler.state_dict(), "bad_steps": bad_steps, "config": cfg.to_dict()}
-        save_training(path, policy, model_path, optimizer, state, info)
+        save_training(path, policy, model_path, optimizer, state, info, dtype=cfg.run.save_dtype,
+                      keep_last=cfg.run.save_total_limit, protect=[resume_from])
 
     estimate = estimate_for_run(cfg, policy.config, tok, data.train.examples, data.labels, data.shots, info.world_size,
                                 truncate)
@@ -204,6 +207,8 @@ def run(cfg: Config, info: DistInfo) -> None:
         for partial in remove_partial_checkpoints(out_dir):
             say(f"removed {partial.name}: a checkpoint write that never finished")
         (out_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
+    reporter = Reporter(cfg.run.report_to if info.is_main else "none", out_dir, cfg.to_dict(), cfg.run.wandb_project,
+                        cfg.run.run_name)
     before = run_eval("before", start_step) if start_step == 0 else None
 
     # --- loop ---
@@ -219,6 +224,7 @@ def run(cfg: Config, info: DistInfo) -> None:
         if info.is_main:
             with open(out_dir / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(metrics) + "\n")
+            reporter.log(metrics, step + 1, "train")
         warning = collapse.update(metrics)
         bar.update(1, **{k: metrics[k] for k in ("reward_mean", "sft_loss", "rl_loss") if metrics.get(k) is not None},
                    **({"collapse": collapse.label} if warning else {}))
@@ -239,11 +245,13 @@ def run(cfg: Config, info: DistInfo) -> None:
     bar.close()
 
     # --- final ---
-    save(checkpoint_dir(out_dir, cfg.optim.max_steps), cfg.optim.max_steps)
-    weights = full_state_dict(policy, info.is_main) if cfg.run.shard == "fsdp" else None
-    if info.is_main:
-        models.save_pretrained(policy, out_dir / "final", tokenizer_dir=model_path, state_dict=weights)
+    last = checkpoint_dir(out_dir, cfg.optim.max_steps)
+    save(last, cfg.optim.max_steps)
+    if info.is_main:  # final/ = the last checkpoint's weights: hard links to its files, not a second copy
+        if not models.checkpoint.link_pretrained(last, out_dir / "final"):
+            say(f"final/: the filesystem refused hard links, so {last.name}'s weights were copied")
     after = run_eval("after", cfg.optim.max_steps)
+    reporter.close()
     if info.is_main:
         print_summary(before, after, out_dir, f"{cfg.loss.mode} on {Path(D.data).name}", estimate["peak"], info.device)
 

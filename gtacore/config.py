@@ -20,6 +20,7 @@ import torch
 from kernels import LossSettings
 
 from .completions import load_reward_fn
+from .reporting import report_to_problems
 
 
 def opt(default: Any, help: str, choices: tuple | None = None, low: float | None = None, above: bool = False) -> Any:
@@ -44,9 +45,13 @@ class ModelArgs:
 
 @dataclass
 class DataArgs:
-    data: str | None = opt(None, "training file (.jsonl, .csv, .tsv, .parquet); default: the bundled emotion dataset")
-    eval_data: str | None = opt(None, "evaluation file; default: the bundled emotion test split when --data is not given")
-    recipe: str | None = opt(None, "field/label recipe for a public dataset export (sst5, emotion, massive, bbc_news)")
+    data: str | None = opt(None, "training data: a .jsonl, .csv, .tsv, .parquet or .arrow file, or a folder of a Hugging "
+                           "Face export (its split train; FOLDER:SPLIT for another); default: the bundled emotion dataset")
+    eval_data: str | None = opt(None, "evaluation data, as --data (a folder: its split test, else validation); default: "
+                                "the bundled emotion test split when --data is not given")
+    filter: str | None = opt(None, "read only rows where FIELD=VALUE, comma-separated for several (all must match; a "
+                             "ClassLabel field by name), in --data and --eval-data: e.g. locale=en-US")
+    recipe: str | None = opt(None, "field/label recipe for a public dataset export (sst5, dair_emotion, massive, bbc_news)")
     text_field: str = opt("text", "field holding the text")
     label_field: str = opt("label", "field holding the label")
     labels: str | None = opt(None, "comma-separated label set, or a file with one label per line; default: from the data")
@@ -118,6 +123,11 @@ class RunArgs:
     resume: bool = opt(False, "continue from the last complete checkpoint in --output-dir")
     eval_every: int = opt(0, "evaluate every N steps (0 = only before and after training)", **NONNEGATIVE)
     save_every: int = opt(0, "checkpoint every N steps (0 = only the final one)", **NONNEGATIVE)
+    save_total_limit: int = opt(0, "keep only the N newest complete checkpoints, deleting older ones after each new one "
+                                "is complete; the one the run resumed from is always kept (0 = keep all)", **NONNEGATIVE)
+    save_dtype: str | None = opt(None, "dtype of the Hugging Face weights in checkpoints and final/ (default: the "
+                                 "parameters', float32); with bfloat16 the trainer state also keeps the fp32 "
+                                 "parameters, so --resume stays exact", ("float32", "bfloat16"))
     eval_batch_size: int = opt(16, "prompts per greedy evaluation batch", **POSITIVE)
     seed: int = opt(0, "seed for data order, sampling and initialisation")
     device: str | None = opt(None, "cpu or cuda; default: cuda when available")
@@ -128,6 +138,10 @@ class RunArgs:
     collapse_share: float = opt(0.8, "warn (on the progress line and in the log) when one label takes more than this "
                                 "share of a step's answers...", low=0, above=True)
     collapse_steps: int = opt(3, "...for this many steps in a row (0 = never warn)", **NONNEGATIVE)
+    report_to: str = opt("none", "live metrics, comma-separated: none, tensorboard (OUTPUT_DIR/tensorboard), wandb "
+                         "(WANDB_MODE=offline works without network); metrics.jsonl is written either way")
+    wandb_project: str | None = opt(None, "W&B project (default: gtacore)")
+    run_name: str | None = opt(None, "the run's name in W&B (default: the output folder's name)")
     dry_run: bool = opt(False, "print the first training prompt exactly as the model receives it (special tokens included), the SFT target and the label set, then exit without loading the weights")
 
 
@@ -240,6 +254,7 @@ def config_problems(cfg: Config) -> list[str]:
             load_reward_fn(L.reward_fn)
         except ValueError as error:
             problems.append(str(error))
+    problems += report_to_problems(cfg.run.report_to)
     if cfg.model.precision == "bf16-true":
         problems.append("--precision bf16-true: bf16 weights under AdamW without an fp32 master copy round most "
                         "updates of lr ~1e-5 to zero; use --precision bf16-mixed (fp32 master weights, bf16 compute)")
