@@ -37,6 +37,9 @@ VARIANTS = {
     "kl": (("--beta", "0.04"), "a KL leash to the reference model"),
     "lr1e-5": (("--lr", "1e-5"), "half the learning rate"),
     "shots3": (("--shots", "3"), "three worked examples, spread over labels"),
+    "shots6": (("--shots", "6"), "one worked example per label (the bundled data has six)"),
+    "b8g4": (("--batch-size", "8", "--group-size", "4"), "twice the prompts per step, half the group: more gold labels per update"),
+    "g16": (("--batch-size", "2", "--group-size", "16"), "half the prompts per step, twice the group: finer advantages"),
 }
 
 
