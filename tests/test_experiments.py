@@ -1,0 +1,54 @@
+"""The experiment scripts' inputs: the ticket dataset is what its generator writes, balanced, with
+held-out situations, and every collapse variant's flags parse as a valid train.py configuration
+(so a typo fails here, not ten minutes into an experiment)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from gtacore.config import config_problems, parse_config
+
+EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
+TICKETS = {"train": EXPERIMENTS / "data" / "tickets_train.jsonl", "test": EXPERIMENTS / "data" / "tickets_test.jsonl"}
+
+
+def _load(name: str):
+    spec = importlib.util.spec_from_file_location(name, EXPERIMENTS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_ticket_generator_reproduces_committed_files(tmp_path):
+    subprocess.run([sys.executable, str(EXPERIMENTS / "make_tickets.py"), "--out-dir", str(tmp_path)],
+                   check=True, capture_output=True, timeout=120)
+    for path in TICKETS.values():
+        assert (tmp_path / path.name).read_bytes() == path.read_bytes(), (
+            f"{path.name} differs from what experiments/make_tickets.py writes; rerun it and commit the result")
+
+
+def test_tickets_are_balanced_and_test_situations_are_held_out():
+    tickets = _load("make_tickets")
+    rows = {split: [json.loads(line) for line in path.read_text().splitlines()] for split, path in TICKETS.items()}
+    for split, n in (("train", 200), ("test", 60)):
+        assert Counter(r["label"] for r in rows[split]) == {label: n for label in tickets.SITUATIONS}
+    texts = {split: " ".join(r["text"].lower() for r in rs) for split, rs in rows.items()}
+    for label, situations in tickets.SITUATIONS.items():
+        for i, situation in enumerate(situations):
+            held_out = i % 4 == 3
+            assert (situation.lower() in texts["train"]) != held_out, (label, situation)
+            assert (situation.lower() in texts["test"]) == held_out, (label, situation)
+
+
+@pytest.mark.parametrize("name", list(_load("collapse").VARIANTS))
+def test_every_collapse_variant_is_a_valid_configuration(name):
+    flags = list(_load("collapse").VARIANTS[name][0])
+    cfg = parse_config([*flags, "--device", "cpu"])
+    assert config_problems(cfg) == []
