@@ -17,12 +17,13 @@ links to another's (one copy on disk; a copy where the filesystem refuses links)
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -134,9 +135,7 @@ def write_checkpoint(
     state) before the folder is renamed into place, so they appear atomically too.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
-    try:
+    with _atomic_folder(path) as tmp:
         shards: list[dict[str, torch.Tensor]] = [{}]
         size = 0
         for name, t in tensors.items():
@@ -168,11 +167,6 @@ def write_checkpoint(
             (tmp / fname).write_text(text, encoding="utf-8")
         if write_extra is not None:
             write_extra(tmp)
-        _fsync_dir(tmp)
-        _replace_dir(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return path
 
 
@@ -189,10 +183,8 @@ def link_pretrained(src: str | Path, dst: str | Path) -> bool:
     """
     src, dst = Path(src), Path(dst)
     weights = sorted({f.name for f in _tensor_files(src).values()})  # checks src has weights
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.tmp-", dir=dst.parent))
     shared = True
-    try:
+    with _atomic_folder(dst) as tmp:
         for name in weights:
             try:
                 os.link(src / name, tmp / name)
@@ -202,12 +194,22 @@ def link_pretrained(src: str | Path, dst: str | Path) -> bool:
         for name in ("config.json", INDEX_FILE, *TOKENIZER_FILES):
             if (src / name).is_file():
                 shutil.copyfile(src / name, tmp / name)
+    return shared
+
+
+@contextlib.contextmanager
+def _atomic_folder(path: Path) -> Iterator[Path]:
+    """A temporary sibling folder to fill; on success its files are fsynced and it replaces
+    `path` in one rename, on any error it is removed and `path` is left as it was."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    try:
+        yield tmp
         _fsync_dir(tmp)
-        _replace_dir(tmp, dst)
+        _replace_dir(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return shared
 
 
 def _fsync_dir(folder: Path) -> None:
