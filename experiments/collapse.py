@@ -8,7 +8,8 @@ final model on the whole test split. The table gives, per variant, the mean and 
 over its seeds of accuracy, macro F1 and the majority label's share of the test answers, and the
 last training step's majority share. Results go to --out: results.md, results.csv,
 collapse.png (majority share per step, one line per run), with the machine, versions and commit.
-Runs already finished in --out are read, not redone.
+Runs already finished in --out are read, not redone; --previous adds the rows of an earlier
+results.csv (runs made at another commit, whose folders are gone) to the table, with their commit.
 """
 
 from __future__ import annotations
@@ -63,6 +64,12 @@ def run_one(out: Path, name: str, seed: int, extra: list[str]) -> dict:
             "minutes": float((run_dir / "minutes.txt").read_text()) if (run_dir / "minutes.txt").is_file() else float("nan")}
 
 
+def previous_row(r: dict) -> dict:
+    """A row of an earlier results.csv, numbers parsed, its commit kept."""
+    return {k: (v if k in ("variant", "commit", "machine", "torch") else int(v) if k == "seed" else float(v))
+            for k, v in r.items()}
+
+
 def spread(values: list[float]) -> str:
     mean = sum(values) / len(values)
     return f"{mean:.3f}" if len(values) == 1 else f"{mean:.3f} ({min(values):.3f}-{max(values):.3f})"
@@ -73,12 +80,13 @@ def main() -> None:
     ap.add_argument("--out", default="runs/collapse")
     ap.add_argument("--runs", nargs="+", default=["default:0,1,2", "noscale:0", "kl:0"],
                     help=f"variant:seeds, variants from {', '.join(VARIANTS)}")
+    ap.add_argument("--previous", nargs="*", default=[], help="earlier results.csv files whose rows join the table")
     ap.add_argument("extra", nargs=argparse.REMAINDER, help="flags passed to every train.py run (after --)")
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     extra = [a for a in args.extra if a != "--"]
-    rows = []
+    rows = [previous_row(r) for path in args.previous for r in csv.DictReader(open(path))]
     for spec in args.runs:
         name, seeds = spec.split(":")
         for seed in map(int, seeds.split(",")):
@@ -89,10 +97,11 @@ def main() -> None:
 def write_results(out: Path, rows: list[dict]) -> None:
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
     with open(out / "results.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=[*rows[0], "commit", "machine", "torch"])
+        here = {"commit": commit, "machine": platform.machine(), "torch": importlib.metadata.version("torch")}
+        rows = [r | {k: r.get(k, v) for k, v in here.items()} for r in rows]  # an earlier row keeps its commit
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
         w.writeheader()
-        for r in rows:
-            w.writerow(r | {"commit": commit, "machine": platform.machine(), "torch": importlib.metadata.version("torch")})
+        w.writerows(rows)
     lines = ["| variant | seeds | accuracy | macro F1 | test majority share | last step majority share | minutes per run |",
              "| --- | --- | --- | --- | --- | --- | --- |"]
     for name in dict.fromkeys(r["variant"] for r in rows):
@@ -100,7 +109,8 @@ def write_results(out: Path, rows: list[dict]) -> None:
         cells = [spread([r[k] for r in mine]) for k in ("accuracy", "macro_f1", "test_majority_share", "train_majority_share")]
         lines.append(f"| {name} ({VARIANTS[name][1]}) | {','.join(str(r['seed']) for r in mine)} | {' | '.join(cells)} | "
                      f"{spread([r['minutes'] for r in mine])} |")
-    (out / "results.md").write_text("\n".join(lines) + f"\n\ncommit {commit}, {platform.machine()}, "
+    commits = ", ".join(dict.fromkeys(r["commit"] for r in rows))
+    (out / "results.md").write_text("\n".join(lines) + f"\n\ncommit {commits}, {platform.machine()}, "
                                     f"torch {importlib.metadata.version('torch')}\n")
     print("\n".join(lines), flush=True)
     try:
@@ -112,7 +122,8 @@ def write_results(out: Path, rows: list[dict]) -> None:
         return
     fig, ax = plt.subplots(figsize=(7, 4))
     for i, r in enumerate(rows):
-        steps = read_jsonl(out / f"{r['variant']}-s{r['seed']}" / "metrics.jsonl")
+        metrics = out / f"{r['variant']}-s{r['seed']}" / "metrics.jsonl"
+        steps = read_jsonl(metrics) if metrics.is_file() else []
         points = [(s["step"], s["majority_label_share"]) for s in steps if "majority_label_share" in s]
         if points:
             ax.plot(*zip(*points), label=f"{r['variant']} s{r['seed']}", color=f"C{list(VARIANTS).index(r['variant'])}",
@@ -121,7 +132,8 @@ def write_results(out: Path, rows: list[dict]) -> None:
     ax.set_ylabel("majority label share (train answers)")
     ax.set_ylim(0, 1.05)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize="small")
+    if ax.lines:
+        ax.legend(fontsize="small")
     fig.tight_layout()
     fig.savefig(out / "collapse.png", dpi=120)
     plt.close(fig)

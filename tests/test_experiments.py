@@ -4,6 +4,7 @@ held-out situations, and every collapse variant's flags parse as a valid train.p
 
 from __future__ import annotations
 
+import csv
 import importlib.util
 import json
 import subprocess
@@ -52,3 +53,19 @@ def test_every_collapse_variant_is_a_valid_configuration(name):
     flags = list(_load("collapse").VARIANTS[name][0])
     cfg = parse_config([*flags, "--device", "cpu"])
     assert config_problems(cfg) == []
+
+
+def test_collapse_table_keeps_earlier_rows_and_their_commit(tmp_path):
+    collapse = _load("collapse")
+    earlier = {"variant": "default", "seed": 0, "accuracy": 0.5, "macro_f1": 0.4, "test_majority_share": 0.3,
+               "train_majority_share": 0.3, "minutes": 9.0, "commit": "abc1234", "machine": "x86_64", "torch": "2.13.0"}
+    path = tmp_path / "earlier.csv"
+    collapse.write_results(tmp_path, [earlier])
+    (tmp_path / "results.csv").rename(path)
+    rows = [collapse.previous_row(r) for r in csv.DictReader(open(path))]
+    assert rows == [earlier]
+    new = {k: v for k, v in earlier.items() if k not in ("commit", "machine", "torch")} | {"seed": 1, "accuracy": 0.7}
+    collapse.write_results(tmp_path, [*rows, new])
+    written = list(csv.DictReader(open(tmp_path / "results.csv")))
+    assert [r["commit"] for r in written][0] == "abc1234" and written[1]["commit"] != "abc1234"
+    assert "| default (the defaults) | 0,1 | 0.600 (0.500-0.700) |" in (tmp_path / "results.md").read_text()
