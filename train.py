@@ -8,7 +8,7 @@ The loop, per step:
     -> log metrics, evaluate, checkpoint
 
 Modes: gta (guess by SFT, think/answer by RL), grpo (RL only), sft (label by
-cross-entropy only). See ../shared/GTA.md for the method; `--help` for the flags.
+cross-entropy only). The method, step by step: docs/method.md; `--help` for the flags.
 """
 
 from __future__ import annotations
@@ -21,13 +21,12 @@ from pathlib import Path
 
 import torch
 
-import models
+from gtacore import models
 from gtacore.batches import BatchSampler
-from gtacore.checkpointing import (TrainingError, checkpoint_dir, latest_checkpoint, load_trainer_state,
-                                   remove_partial_checkpoints, save_training)
-from gtacore.completions import batch_rewards, group_advantages, load_reward_fn
+from gtacore.checkpointing import TrainingError, load_trainer_state, save_training
+from gtacore.rewards import batch_rewards, group_advantages, load_reward_fn
 from gtacore.config import Config, parse_config
-from gtacore.data import load_run_data
+from gtacore.run_data import load_run_data
 from gtacore.distributed import DistInfo, init_distributed, shutdown
 from gtacore.evaluate import evaluate
 from gtacore.losses import Branch, forward_backward, logprobs
@@ -37,11 +36,12 @@ from gtacore.packing import RL_ROW, SFT_ROW, global_row_counts_, pack_prompts, p
 from gtacore.parallel import average_gradients, compute_precision, grad_norm_and_health, load_models, local, reshard
 from gtacore.progress import Progress
 from gtacore.reporting import Reporter
+from gtacore.run_dir import checkpoint_dir, latest_checkpoint, remove_partial_checkpoints
 from gtacore.projection import apply_gradient_constraint
 from gtacore.prompts import make_prompts, print_dry_run, sft_targets
 from gtacore.rollout import rollout
-from models.default_model import default_model_dir
-from models.tokenizer import Tokenizer
+from gtacore.models.default_model import default_model_dir
+from gtacore.models.tokenizer import Tokenizer
 
 
 def lr_at(step: int, cfg: Config) -> float:

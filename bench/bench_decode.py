@@ -21,8 +21,8 @@ from pathlib import Path
 import torch
 from common import REPO, measured_bandwidth_gbs, report, synchronize
 
-import models
-from models.generate import SamplingParams, generate
+from gtacore import models
+from gtacore.models.generate import SamplingParams, generate
 
 SHAPES = {  # config.json fields of the real models (random weights)
     "smollm2-135m": dict(model_type="llama", hidden_size=576, intermediate_size=1536, num_hidden_layers=30,

@@ -1,7 +1,7 @@
 """Benchmark LM head + GTA loss, forward + backward, from bf16 hidden [N, D] and weight [V, D].
 
 Methods: eager PyTorch (matmul + `gta_loss_reference`), torch.compile of it, matmul + our
-`kernels.gta_loss` ("unfused"), `kernels.fused_linear_gta_loss` ("fused", no [N, V]), and when
+`gtacore.kernels.gta_loss` ("unfused"), `gtacore.kernels.fused_linear_gta_loss` ("fused", no [N, V]), and when
 installed Liger-Kernel's `LigerFusedLinearGRPOLoss` (same loss, its chunked torch.compile path)
 and `LigerFusedLinearCrossEntropyLoss` (plain cross-entropy on every row: the cost of the fusion
 without the RL terms). TFLOP/s counts the three LM-head matmuls (6 N V D) against a measured
@@ -13,8 +13,8 @@ import itertools
 import torch
 from common import measured_matmul_tflops, out_of_memory, parse_args, report, run_case, try_liger
 
-from kernels import LossSettings, fused_linear_gta_loss, gta_loss
-from kernels.gta_loss import gta_loss_reference
+from gtacore.kernels import LossSettings, fused_linear_gta_loss, gta_loss
+from gtacore.kernels.gta_loss import gta_loss_reference
 
 GRID = {"N": (4096, 16384, 65536), "V": (49152, 128256, 151936), "D": (576, 2048, 3584)}
 TINY = {"N": (64,), "V": (1531,), "D": (32,)}

@@ -2,7 +2,7 @@
 
 Rows: 1/8 SFT, 7/8 RL, beta = 0.04 (a reference model), token-mean aggregation. Methods: eager
 PyTorch (`gta_loss_reference`), torch.compile of it, Liger-Kernel's Triton `triton_grpo_loss`
-(RL rows only, [B, L+1, V] layout, in-place backward) when installed, and `kernels.gta_loss`.
+(RL rows only, [B, L+1, V] layout, in-place backward) when installed, and `gtacore.kernels.gta_loss`.
 GB/s counts the floor traffic: the selected logits read twice and the gradient written once.
 """
 
@@ -11,8 +11,8 @@ import itertools
 import torch
 from common import measured_bandwidth_gbs, out_of_memory, parse_args, report, run_case, try_liger
 
-from kernels import LossSettings, gta_loss
-from kernels.gta_loss import gta_loss_reference
+from gtacore.kernels import LossSettings, gta_loss
+from gtacore.kernels.gta_loss import gta_loss_reference
 
 GRID = {"N": (4096, 16384, 65536), "V": (49152, 128256, 151936)}
 TINY = {"N": (64,), "V": (1531,)}

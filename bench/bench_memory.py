@@ -30,7 +30,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import REPO, environment  # noqa: E402  (sets up the path and Triton's CPU mode)
 
-import models  # noqa: E402
+from gtacore import models  # noqa: E402
 from gtacore.config import LossArgs  # noqa: E402
 from gtacore.distributed import DistInfo, init_distributed  # noqa: E402
 from gtacore.losses import Branch, forward_backward, logprobs  # noqa: E402
@@ -38,9 +38,9 @@ from gtacore.memory import GB, StepShape, estimate_memory  # noqa: E402
 from gtacore.packing import RL_ROW, SFT_ROW, pack_prompts, pack_rows  # noqa: E402
 from gtacore.parallel import WholeModel, checkpoint_blocks, reshard, shard_model  # noqa: E402
 from gtacore.projection import apply_gradient_constraint  # noqa: E402
-from models.config import ModelConfig  # noqa: E402
-from models.decoder import Decoder  # noqa: E402
-from models.generate import SamplingParams, generate  # noqa: E402
+from gtacore.models.config import ModelConfig  # noqa: E402
+from gtacore.models.decoder import Decoder  # noqa: E402
+from gtacore.models.generate import SamplingParams, generate  # noqa: E402
 
 COMMON = dict(model_type="qwen2", hidden_act="silu", rms_norm_eps=1e-6, rope_theta=1e6, tie_word_embeddings=True,
               max_position_embeddings=32768)

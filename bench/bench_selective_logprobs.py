@@ -2,7 +2,7 @@
 
 Methods: eager PyTorch (`selective_logprobs_reference`), torch.compile of it, Liger-Kernel's
 `fused_selective_log_softmax` (forward only; its [B, L+1, V] layout gives N-1 rows) when installed,
-and `kernels.selective_logprobs` (plus its in-place backward). Modes: "fwd" (old/ref log-probs,
+and `gtacore.kernels.selective_logprobs` (plus its in-place backward). Modes: "fwd" (old/ref log-probs,
 no grad) and "fwd+bwd" (the policy). GB/s counts the floor traffic: forward reads the logits
 once; forward + backward reads them twice and writes the gradient once.
 """
@@ -12,8 +12,8 @@ import itertools
 import torch
 from common import measured_bandwidth_gbs, out_of_memory, parse_args, report, run_case, try_liger
 
-from kernels import selective_logprobs
-from kernels.selective_logprobs import selective_logprobs_reference
+from gtacore.kernels import selective_logprobs
+from gtacore.kernels.selective_logprobs import selective_logprobs_reference
 
 GRID = {"N": (4096, 16384, 65536), "V": (49152, 128256, 151936)}
 TINY = {"N": (64,), "V": (1531,)}

@@ -25,8 +25,8 @@ from gtacore.losses import Branch, forward_backward, logprobs
 from gtacore.packing import RL_ROW, SFT_ROW, pack_prompts, pack_rows
 from gtacore.parallel import compute_precision
 from gtacore.projection import apply_gradient_constraint
-from kernels import LossSettings
-from models.generate import SamplingParams, generate
+from gtacore.kernels import LossSettings
+from gtacore.models.generate import SamplingParams, generate
 
 SFT_TOKENS = 8  # <guess>label</guess> is about this long
 STAGES = ("rollout", "old_logprobs", "forward_backward", "constraint", "optimizer")

@@ -54,7 +54,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # `python bench/bench_vs_trl.py` from a checkout, installed or not
 
 from bench.common import git_commit  # noqa: E402  (children run without its TRITON_INTERPRET)
-from models.default_model import default_model_dir  # noqa: E402
+from gtacore.models.default_model import default_model_dir  # noqa: E402
 
 TRL_VERSION = "1.16.0"  # trl_runner.py wraps this version's GRPOTrainer methods
 SYSTEMS = ("trl", "grpo", "gta")
@@ -79,7 +79,7 @@ def parse_args() -> argparse.Namespace:
     add("--beta", type=float, default=0.01, help="KL weight to the frozen reference model (default %(default)s)")
     add("--lr", type=float, default=1e-6, help="AdamW learning rate (default %(default)s)")
     add("--model", type=Path, default=None, help="checkpoint folder (default: the built-in model)")
-    add("--data", type=Path, default=REPO / "data" / "emotion_train.jsonl", help="training file (default %(default)s)")
+    add("--data", type=Path, default=REPO / "gtacore" / "bundled" / "emotion_train.jsonl", help="training file (default %(default)s)")
     add("--out", type=Path, default=REPO / "runs" / "bench_vs_trl", help="output folder (default %(default)s)")
     args = parser.parse_args()
     args.systems = [s.strip() for s in args.systems.split(",") if s.strip()]
@@ -104,7 +104,7 @@ def check_trl() -> None:
 
 def ours_command(args, mode: str, out: Path) -> list[str]:
     s = SETTINGS
-    flags = {"model": args.model, "dtype": "float32", "data": args.data, "mode": mode, "shots": s["shots"],
+    flags = {"model": args.model, "precision": "bf16-mixed" if torch.cuda.is_available() else "fp32", "data": args.data, "mode": mode, "shots": s["shots"],
              "batch-size": args.prompts, "group-size": args.group_size, "max-new-tokens": args.max_new_tokens,
              "temperature": s["temperature"], "top-p": s["top_p"], "beta": args.beta, "eps-low": s["eps"],
              "eps-high": s["eps"], "num-iterations": 1, "agg": "token_mean", "w-format": s["w_format"],

@@ -136,7 +136,7 @@ def git_commit(*paths: str) -> str:
 
 
 def environment() -> dict:
-    commit = git_commit("kernels", "bench")
+    commit = git_commit("gtacore/kernels", "bench")
     try:
         import triton
 

@@ -4,7 +4,7 @@ Writes OUT/metrics.jsonl (one line per optimizer step) and OUT/summary.json. The
 grpo prompts, given to TRL as chat messages in our sampler's order (shuffle_dataset=False), so that step k
 trains on the same 4 prompts as train.py's step k; every prompt TRL tokenizes is checked to give exactly
 the token ids of `gtacore.rollout.make_prompts`. Completions are decoded with our tokenizer and scored by
-`gtacore.completions.batch_rewards` in grpo mode, as in train.py.
+`gtacore.rewards.batch_rewards` in grpo mode, as in train.py.
 
 Stages and the TRL 1.16.0 code each one times (wrappers on the trainer instance, perf_counter, with a
 device sync on CUDA):
@@ -42,12 +42,12 @@ from transformers import TrainerCallback
 from trl import GRPOConfig, GRPOTrainer
 
 from gtacore.config import RolloutArgs
-from gtacore.data import load_dataset_from_args
+from gtacore.run_data import load_dataset_from_args
 from gtacore.prompts import build_messages
-from gtacore.completions import batch_rewards
+from gtacore.rewards import batch_rewards
 from gtacore.prompts import make_prompts
 from gtacore.batches import BatchSampler
-from models.tokenizer import Tokenizer
+from gtacore.models.tokenizer import Tokenizer
 
 CUDA = torch.cuda.is_available()
 
@@ -55,7 +55,7 @@ CUDA = torch.cuda.is_available()
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", type=Path, required=True, help="checkpoint folder (HF layout)")
-    parser.add_argument("--data", type=Path, default=REPO / "data" / "emotion_train.jsonl")
+    parser.add_argument("--data", type=Path, default=REPO / "gtacore" / "bundled" / "emotion_train.jsonl")
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--prompts", type=int, default=4)
     parser.add_argument("--group-size", type=int, default=8)

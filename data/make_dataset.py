@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Generate gtacore's bundled demo dataset: the emotion in a short first-person message.
 
-    python data/make_dataset.py            # writes data/emotion_train.jsonl, data/emotion_test.jsonl
+    python data/make_dataset.py            # writes gtacore/bundled/emotion_train.jsonl and emotion_test.jsonl
 
 Six classes (joy, sadness, anger, fear, surprise, disgust), balanced exactly per
 split. Each example is built from a template of one "kind":
@@ -33,6 +33,7 @@ from collections import Counter
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+BUNDLED = HERE.parent / "gtacore" / "bundled"
 sys.path.insert(0, str(HERE))
 import fragments as F  # noqa: E402
 
@@ -257,7 +258,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seed", type=int, default=20240607, help="random seed (default: %(default)s)")
-    ap.add_argument("--out-dir", type=Path, default=HERE, help="output folder (default: this script's folder, data/)")
+    ap.add_argument("--out-dir", type=Path, default=BUNDLED, help="output folder (default: gtacore/bundled/, where the package ships them)")
     ap.add_argument("--name", default="emotion", help="file prefix: NAME_train.jsonl, NAME_test.jsonl")
     ap.add_argument("--train-per-class", type=int, default=200)
     ap.add_argument("--test-per-class", type=int, default=60)

@@ -8,8 +8,8 @@
 
 The folder is written under a temporary name and renamed into place, so a crash
 (even SIGKILL) mid-write leaves only complete checkpoints under their real
-names; `latest_checkpoint` takes the newest one that has its trainer state, and
-`remove_partial_checkpoints` clears what a killed writer left behind. Nothing is
+names; `run_dir.latest_checkpoint` takes the newest one that has its trainer state, and
+`run_dir.remove_partial_checkpoints` clears what a killed writer left behind. Nothing is
 pickled: tensors go to safetensors, the rest to JSON.
 
 Optimizer state of a sharded run: each rank saves its rows (dim 0) of every
@@ -25,19 +25,13 @@ with fp32 parameters): the HF files hold the rounded weights, and the trainer
 state also holds the fp32 parameters ("master.{param index}", the optimizer's
 rows), which `load_trainer_state` puts back, so resuming stays exact.
 
-Keeping only the newest checkpoints (`remove_old_checkpoints`): a checkpoint is
-first renamed to `.checkpoint-STEP.deleting-PID`, which `latest_checkpoint`
-never takes, then removed; a kill in between leaves only that hidden folder,
-and `remove_partial_checkpoints` clears it.
+Which checkpoints a run folder holds, and removing old or unfinished ones: `gtacore.run_dir`.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import re
 import shutil
-import sys
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Iterable
@@ -47,24 +41,19 @@ import torch.distributed as dist
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-import models
-from models.checkpoint import CheckpointError
+from gtacore import models
+from gtacore.models.checkpoint import CheckpointError
 
 from .distributed import DistInfo, all_finite, assert_replicas_identical
 from .parallel import as_param_shard, full_state_dict, is_sharded, local, local_rows
+from .run_dir import STATE_JSON, remove_old_checkpoints
 
 STATE_TENSORS = "trainer_state.safetensors"
-STATE_JSON = "trainer_state.json"
 MASTER = "master"  # trainer-state tensors "master.{param index}": the parameters, when the HF weights are cast
-DELETING = ".deleting-"  # ".checkpoint-STEP.deleting-PID": a checkpoint being deleted (see remove_old_checkpoints)
 
 
 class TrainingError(RuntimeError):
     """The run cannot go on (e.g. too many non-finite steps in a row, or parameters not finite)."""
-
-
-def checkpoint_dir(output_dir: str | Path, step: int) -> Path:
-    return Path(output_dir) / f"checkpoint-{step}"
 
 
 def _optimizer_tensors(optimizer: torch.optim.Optimizer, weights_dtype: torch.dtype | None = None,
@@ -161,83 +150,6 @@ def save_training(path: Path, model, tokenizer_dir, optimizer: torch.optim.Optim
     if not info.is_main or keep_last <= 0:
         return []
     return remove_old_checkpoints(path.parent, keep_last, protect=[path, *protect])
-
-
-def _complete_checkpoints(output_dir: str | Path) -> list[tuple[int, Path]]:
-    """(step, folder) of every complete checkpoint (one with its trainer state), newest first."""
-    found = []
-    for p in Path(output_dir).glob("checkpoint-*"):
-        m = re.fullmatch(r"checkpoint-(\d+)", p.name)
-        if m and (p / STATE_JSON).is_file():
-            found.append((int(m.group(1)), p))
-    return sorted(found, key=lambda sp: sp[0], reverse=True)
-
-
-def latest_checkpoint(output_dir: str | Path) -> Path | None:
-    """The complete checkpoint with the highest step, or None."""
-    complete = _complete_checkpoints(output_dir)
-    return complete[0][1] if complete else None
-
-
-def remove_old_checkpoints(output_dir: str | Path, keep_last: int, protect: Iterable[Path | None] = ()) -> list[Path]:
-    """Delete every complete checkpoint but the `keep_last` newest (by step) and those in
-    `protect`; return the deleted ones. Folders without their trainer state are not touched.
-
-    Crash-safe: each is first renamed to `.checkpoint-STEP.deleting-PID` (one atomic rename:
-    from then on `latest_checkpoint` no longer sees it), then removed. A kill in between
-    leaves that hidden folder, which `remove_partial_checkpoints` clears. A removal that
-    fails (e.g. files held open on NFS) is reported and left for that cleanup; training goes on.
-    """
-    if keep_last <= 0:
-        return []
-    kept = {Path(p).absolute() for p in protect if p is not None}
-    removed = []
-    for _, p in _complete_checkpoints(output_dir)[keep_last:]:
-        if p.absolute() in kept:
-            continue
-        doomed = p.with_name(f".{p.name}{DELETING}{os.getpid()}")
-        _remove(doomed)  # a leftover of an earlier deletion under the same name
-        os.rename(p, doomed)
-        try:
-            _remove(doomed, strict=True)
-        except OSError as e:
-            print(f"warning: could not delete {doomed} ({e}); it is removed when a run next starts in "
-                  f"{p.parent}", file=sys.stderr, flush=True)
-        removed.append(p)
-    return removed
-
-
-def _remove(p: Path, strict: bool = False) -> None:
-    """Delete a folder, or only the link when it is a symlink (its target belongs to someone else)."""
-    if p.is_symlink():
-        p.unlink()
-    elif p.exists():
-        shutil.rmtree(p, ignore_errors=not strict)
-
-
-def remove_partial_checkpoints(output_dir: str | Path) -> list[Path]:
-    """Clean up after checkpoint writes that never finished (a killed run); return what was removed.
-
-    `.NAME.tmp-*` folders are unfinished writes and `.NAME.state-shards` the staging
-    of a sharded save: deleted. `.NAME.old-*` is the
-    previous NAME, moved aside just before its replacement was moved in: if the
-    kill came between the two moves, NAME is missing and the old folder goes back.
-    `.NAME.deleting-*` is an old checkpoint whose deletion (`--save-total-limit`)
-    never finished: deleted (a symlink only unlinked).
-    """
-    out = Path(output_dir)
-    removed = []
-    for p in (sorted(out.glob(".*.old-*")) + sorted(out.glob(".*.tmp-*")) + sorted(out.glob(".*.state-shards"))
-              + sorted(out.glob(f".*{DELETING}*"))):
-        name = p.name[1:].rsplit(".", 1)[0]  # ".checkpoint-4.old-123" -> "checkpoint-4"
-        if not (p.is_dir() or p.is_symlink()) or not (name.startswith("checkpoint-") or name == "final"):
-            continue
-        if ".old-" in p.name and not (out / name).exists():
-            p.rename(out / name)
-            continue
-        _remove(p)
-        removed.append(p)
-    return removed
 
 
 def load_trainer_state(path: Path, optimizer: torch.optim.Optimizer | None) -> dict:

@@ -9,17 +9,16 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, get_args, get_origin, get_type_hints
+from typing import Any, get_type_hints
 
 import torch
 
-from kernels import LossSettings
+from gtacore.kernels import LossSettings
 
-from .completions import load_reward_fn
+from .config_file import base_type, read_sections
+from .rewards import load_reward_fn
 from .reporting import report_to_problems
 
 
@@ -176,13 +175,6 @@ class Config:
 _SECTIONS = {cls: name for name, cls in zip(("model", "data", "rollout", "loss", "optim", "run"), CONFIG_CLASSES)}
 
 
-def _base_type(tp):
-    """`int | None` -> int."""
-    if get_origin(tp) is not None and type(None) in get_args(tp):
-        return next(a for a in get_args(tp) if a is not type(None))
-    return tp
-
-
 def add_config_flags(parser: argparse.ArgumentParser, fields: dict | None = None) -> None:
     """One flag per config field, grouped by section, with dest "section.name" and a value only
     when given (`apply_flags` reads them back). `fields`: {(section, name): (flag, help or None)}
@@ -197,11 +189,11 @@ def add_config_flags(parser: argparse.ArgumentParser, fields: dict | None = None
             gpu = GPU_DEFAULTS.get((section, f.name))
             default = f" (default: {f.default}" + (f"; {gpu} on a GPU)" if gpu is not None else ")")
             kw = dict(default=argparse.SUPPRESS, help=(help or f.metadata["help"]) + default, dest=f"{section}.{f.name}")
-            if _base_type(hints[f.name]) is bool:
+            if base_type(hints[f.name]) is bool:
                 group.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
             else:
                 choices = f.metadata["choices"]
-                group.add_argument(flag, type=_base_type(hints[f.name]), choices=choices,
+                group.add_argument(flag, type=base_type(hints[f.name]), choices=choices,
                                    metavar=None if choices else flag.lstrip("-").upper().replace("-", "_"), **kw)
 
 
@@ -269,38 +261,9 @@ def gpu_config() -> Config:
 
 
 def config_file_values(path: str | Path) -> dict[str, Any]:
-    """A config file as {"section.name": value}: a run's config.json, or a .toml / .yaml file with
-    the same sections. An unknown section or key, or a value of the wrong type, is an error
-    naming it and the file."""
-    path = Path(path)
-    try:
-        text = path.read_text()
-        if path.suffix == ".toml":
-            data = tomllib.loads(text)
-        elif path.suffix in (".yaml", ".yml"):
-            try:
-                import yaml
-            except ImportError as e:
-                raise ValueError("YAML config files need PyYAML: pip install pyyaml (or use .json / .toml)") from e
-            data = yaml.safe_load(text)
-        else:
-            data = json.loads(text)
-    except (OSError, ValueError, tomllib.TOMLDecodeError) as e:
-        raise ValueError(f"{path}: cannot read it as a config file: {e}") from e
-    classes = {name: cls for cls, name in _SECTIONS.items()}
-    out = {}
-    for section, values in (data or {}).items():
-        if section not in classes or not isinstance(values, dict):
-            raise ValueError(f"{path}: unknown section {section!r} (sections: {', '.join(classes)})")
-        hints = get_type_hints(classes[section])
-        for key, value in values.items():
-            if key not in hints:
-                raise ValueError(f"{path}: unknown key {section}.{key}")
-            want = _base_type(hints[key])
-            if value is not None and not (isinstance(value, want) or (want is float and type(value) is int)):
-                raise ValueError(f"{path}: {section}.{key} must be {want.__name__}, got {value!r}")
-            out[f"{section}.{key}"] = float(value) if want is float and value is not None else value
-    return out
+    """A config file (a run's config.json, or .toml / .yaml) as {"section.name": value}, checked
+    against this module's sections (gtacore.config_file.read_sections)."""
+    return read_sections(path, {name: cls for cls, name in _SECTIONS.items()})
 
 
 def parse_config(argv: list[str] | None = None, description: str = "") -> Config:

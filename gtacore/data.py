@@ -15,7 +15,6 @@ label names) are indices into the label names; other strings are label names.
 from __future__ import annotations
 
 import logging
-import random
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -23,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .readers import DataError, parse_filters, parse_labels, read_rows
+from .readers import DataError, read_rows
 
 log = logging.getLogger(__name__)
 
@@ -264,67 +263,3 @@ def _few_shot_indices(data: ClassificationData, k: int, seed: int) -> list[int]:
             if queues[label] and len(picked) < k:
                 picked.append(queues[label].pop())
     return picked
-
-
-def load_dataset_from_args(path: str, shots_path: str | None, recipe: str | None, text_field: str, label_field: str,
-                           labels: str | None, shots: int, seed: int, skip_unknown: bool = False,
-                           label_set: list[str] | None = None, *, filters: str | None = None,
-                           splits: Sequence[str] = TRAIN_SPLITS) -> tuple[ClassificationData, list[Example]]:
-    """Load `path` (a bare folder of splits: the first of `splits` it has); draw `shots` worked examples
-    from `shots_path` (the training data). filters: the --filter flag (FIELD=VALUE,...)."""
-    label_names = None
-    if recipe:
-        r = apply_recipe(recipe)
-        text_field, label_field, label_names = r.text_field, r.label_field, list(r.label_names) if r.label_names else None
-    allowed = label_set or parse_labels(labels) or label_names
-    on_unknown, row_filter = "skip" if skip_unknown else "error", parse_filters(filters)
-    data = load_examples(path, text_field, label_field, labels=allowed, label_names=label_names, on_unknown_label=on_unknown,
-                         filters=row_filter, splits=splits)
-    source = data if shots_path in (None, path) else load_examples(shots_path, text_field, label_field, labels=data.labels,
-                                                                    label_names=label_names, on_unknown_label=on_unknown,
-                                                                    filters=row_filter)
-    if not shots:
-        return data, []
-    try:
-        return data, few_shot_examples(source, shots, seed)
-    except DataError as e:  # too few examples for the shots: name the file they come from
-        raise DataError(f"{shots_path or path}: {e}") from None
-
-
-BUNDLED_TRAIN = Path(__file__).resolve().parents[1] / "data" / "emotion_train.jsonl"
-BUNDLED_TEST = BUNDLED_TRAIN.with_name("emotion_test.jsonl")
-
-
-def eval_subset(examples: list[Example], max_examples: int, seed: int) -> list[Example]:
-    """At most `max_examples` (0 = all): a seeded sample, not the file's head, so a small budget
-    still sees every class."""
-    if not max_examples or max_examples >= len(examples):
-        return examples
-    return random.Random(seed).sample(examples, max_examples)
-
-
-@dataclass
-class RunData:
-    train: ClassificationData
-    labels: list[str]  # from the training file (or --labels / the recipe)
-    shots: list[Example]  # worked examples, drawn from the training file
-    eval_examples: list[Example]  # the seeded evaluation subset ([] without --eval-data)
-
-
-def load_run_data(cfg, say=print) -> RunData:
-    """A run's data as `cfg.data` (a gtacore.config.DataArgs) names it; without --data, the bundled
-    emotion dataset (train and test split). A bare folder of splits gives its `train` split for
-    --data and its `test` (else `validation`) split for --eval-data; --filter applies to both."""
-    D, seed = cfg.data, cfg.run.seed
-    if D.data is None:
-        D.data, D.eval_data = str(BUNDLED_TRAIN), str(BUNDLED_TEST)
-        say(f"data: {D.data} (bundled; pass --data FILE for your own)")
-    train, shots = load_dataset_from_args(D.data, D.data, D.recipe, D.text_field, D.label_field, D.labels, D.shots, seed,
-                                          D.skip_unknown_labels, filters=D.filter)
-    eval_examples = []
-    if D.eval_data:
-        test, _ = load_dataset_from_args(D.eval_data, None, D.recipe, D.text_field, D.label_field, D.labels, 0, seed,
-                                         D.skip_unknown_labels, label_set=train.labels, filters=D.filter,
-                                         splits=EVAL_SPLITS)
-        eval_examples = eval_subset(test.examples, D.max_eval_examples, seed)
-    return RunData(train, train.labels, shots, eval_examples)

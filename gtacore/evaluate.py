@@ -26,12 +26,13 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-import models
-from models.generate import SamplingParams, generate
-from models.tokenizer import Tokenizer
+from gtacore import models
+from gtacore.models.generate import SamplingParams, generate
+from gtacore.models.tokenizer import Tokenizer
 
 from .config import Config, add_config_flags, apply_flags, bound_problems, config_file_values
-from .data import EVAL_SPLITS, Example, eval_subset, load_dataset_from_args, load_run_data
+from .data import EVAL_SPLITS, Example
+from .run_data import eval_subset, load_dataset_from_args, load_run_data
 from .distributed import DistInfo, init_distributed, shutdown
 from .parallel import compute_precision
 from .metrics import classification_report, format_table, guess_answer_changes, label_counts, label_distribution

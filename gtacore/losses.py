@@ -1,7 +1,7 @@
 """Log-probs, losses and gradients of loss rows, through the fused LM-head kernels.
 
 The decoder returns hidden states; only the loss rows' [M, D] meet the LM head, inside
-`kernels.fused_linear_*`, so the [tokens, vocab] logits never exist in full.
+`gtacore.kernels.fused_linear_*`, so the [tokens, vocab] logits never exist in full.
 
 A step has up to two branches, each one backward: the SFT rows (prompt + gold target) and the
 RL rows (the rollouts). Their gradients stay apart for the gradient constraint:
@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kernels import FusedGTALoss, LossSettings, fused_linear_gta_loss, fused_linear_logprobs
+from gtacore.kernels import FusedGTALoss, LossSettings, fused_linear_gta_loss, fused_linear_logprobs
 
 from .packing import LossRows
 

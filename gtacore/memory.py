@@ -38,7 +38,7 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass
 
-from models.config import ModelConfig
+from gtacore.models.config import ModelConfig
 
 from .config import add_config_flags, apply_flags, gpu_config
 from .prompts import make_prompts, sft_targets

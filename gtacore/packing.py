@@ -23,10 +23,10 @@ from typing import Sequence
 import torch
 import torch.distributed as dist
 
-from kernels import RowCounts
-from models.attention import AttnSpec
+from gtacore.kernels import RowCounts
+from gtacore.models.attention import AttnSpec
 
-SFT_ROW, RL_ROW = 1, 2  # row kinds of kernels.gta_loss
+SFT_ROW, RL_ROW = 1, 2  # row kinds of gtacore.kernels.gta_loss
 
 
 @dataclass
@@ -137,7 +137,7 @@ def pack_rows(
 
 def global_row_counts_(batches: list[LossRows], info) -> None:
     """Make each packed batch's loss means global: its `row_counts` become the mean over
-    ranks of every rank's counts (global count / ranks; see kernels.gta_loss). Then each
+    ranks of every rank's counts (global count / ranks; see gtacore.kernels.gta_loss). Then each
     rank's loss is its share of the global-batch mean, and the rank mean of the gradients,
     which the data-parallel all-reduce takes, is the global batch's gradient. One small
     all-reduce and one host sync per step, before the updates."""

@@ -57,8 +57,8 @@ from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 from torch.utils.checkpoint import checkpoint
 
-import models
-from models.decoder import Decoder
+from gtacore import models
+from gtacore.models.decoder import Decoder
 
 from .distributed import DistInfo
 

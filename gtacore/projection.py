@@ -1,4 +1,4 @@
-"""The gradient constraint between the SFT and RL gradients (GTA.md step 6, "Combine").
+"""The gradient constraint between the SFT and RL gradients (docs/method.md, step 6, "Combine").
 
 g_sft and g_rl are lists of gradients, one entry per parameter tensor, matching
 shapes; None means the parameter got no gradient from that loss and counts as

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Sequence
 
-from models.tokenizer import Tokenizer, TokenizerError
+from gtacore.models.tokenizer import Tokenizer, TokenizerError
 
 from .completions import TAGS, check_labels, check_mode, format_target
 from .data import DataError, Example

@@ -1,6 +1,6 @@
 """Rollouts: G sampled completions per prompt, decoded, with the token mask of the RL loss.
 
-Generation is `models.generate` (KV cache, one prefill per prompt shared by its G samples);
+Generation is `gtacore.models.generate` (KV cache, one prefill per prompt shared by its G samples);
 the rewards and advantages are computed from the texts by the training step itself.
 """
 
@@ -10,8 +10,8 @@ from dataclasses import dataclass
 
 import torch
 
-from models.generate import SamplingParams, generate
-from models.tokenizer import Tokenizer
+from gtacore.models.generate import SamplingParams, generate
+from gtacore.models.tokenizer import Tokenizer
 
 from .completions import rl_mask, span_codes
 from .config import RolloutArgs

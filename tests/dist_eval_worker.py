@@ -15,10 +15,10 @@ from pathlib import Path
 import torch.distributed as dist
 
 import gtacore.evaluate as ev
-import models
+from gtacore import models
 from gtacore.distributed import init_distributed, shutdown
-from gtacore.data import load_dataset_from_args
-from models.tokenizer import Tokenizer
+from gtacore.run_data import load_dataset_from_args
+from gtacore.models.tokenizer import Tokenizer
 
 # (mode, max_new_tokens, max_prompt_tokens): one-token sft answers give a mixed confusion
 # matrix; gta gives longer completions. The prompt limits cut the dataset's long texts only.

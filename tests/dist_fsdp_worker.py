@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-import models
+from gtacore import models
 from gtacore.checkpointing import load_trainer_state, save_checkpoint
 from gtacore.config import LossArgs
 from gtacore.distributed import DistInfo

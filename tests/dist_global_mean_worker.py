@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-import models
+from gtacore import models
 from gtacore.config import LossArgs
 from gtacore.distributed import DistInfo
 from gtacore.packing import global_row_counts_

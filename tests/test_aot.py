@@ -1,4 +1,4 @@
-"""Ahead-of-time compile of every Triton kernel in kernels/*.py for sm_80 and sm_90, no GPU needed.
+"""Ahead-of-time compile of every Triton kernel in gtacore/kernels/*.py for sm_80 and sm_90, no GPU needed.
 
 The CPU interpreter (TRITON_INTERPRET=1, what the other tests run) executes the kernels' Python
 with numpy and accepts code that the GPU compiler rejects (a loop-carried variable that changes
@@ -7,7 +7,7 @@ a GPU launch would, down to the cubin, with `triton.compile(ASTSource(...), targ
 "cuda", arch, 32))`, and fails on a compile error or on any register spill.
 
 What is compiled follows the launchers, not typed-in numbers: each launcher
-(`kernels.selective_logprobs._rows_forward` / `_rows_backward`) is called on small CPU tensors
+(`gtacore.kernels.selective_logprobs._rows_forward` / `_rows_backward`) is called on small CPU tensors
 shaped like a real batch (one row of V logits, V in VOCABS) with the kernel's `run` replaced by a
 recorder, so the block size, num_warps and which optional pointers are None are whatever the
 launcher itself passes. The recorded arguments are then turned into the signature, constexprs,
@@ -50,7 +50,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-KERNEL_DIR = ROOT / "kernels"
+KERNEL_DIR = ROOT / "gtacore" / "kernels"
 ARCHS = (80, 90)
 # Vocabularies of the target models: 49152 (SmolLM2), 128256 (Llama 3), 151936 / 152064 (Qwen2.5).
 VOCABS = (49152, 128256, 151936, 152064)
@@ -223,7 +223,7 @@ def compile_for(kernel, signature, constexprs, attrs, options, arch) -> dict:
 
 def _load_module(stem: str, module_files: dict[str, str]):
     if stem not in module_files:
-        return importlib.import_module(f"kernels.{stem}")
+        return importlib.import_module(f"gtacore.kernels.{stem}")
     spec = importlib.util.spec_from_file_location(f"aot_copy_of_{stem}", module_files[stem])
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
@@ -243,7 +243,7 @@ def compile_rows(kernels, archs, module_files=None, max_configs=None) -> list[di
         if not isinstance(kernel, JITFunction):
             raise RuntimeError(f"{qualified} is a {type(kernel).__name__}, not a JITFunction: is TRITON_INTERPRET set?")
         if stem not in LAUNCHES:
-            rows.append({"kernel": name, "error": f"no launches enumerated for kernels/{stem}.py in tests/test_aot.py"})
+            rows.append({"kernel": name, "error": f"no launches enumerated for gtacore/kernels/{stem}.py in tests/test_aot.py"})
             continue
         distinct = {}  # one compile per distinct (signature, constexprs, attrs, options); V's merged
         for kernel_name, config, V, args, kwargs in LAUNCHES[stem](mod):
@@ -292,10 +292,10 @@ def markdown(rows) -> str:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", metavar="PATH", help="write the rows as JSON here instead of a table")
-    parser.add_argument("--kernel", action="append", help="stem.kernel (default: all in kernels/*.py)")
+    parser.add_argument("--kernel", action="append", help="stem.kernel (default: all in gtacore/kernels/*.py)")
     parser.add_argument("--arch", action="append", type=int, help=f"default {ARCHS}")
     parser.add_argument("--module-file", action="append", default=[], metavar="STEM=PATH",
-                        help="compile the kernels of kernels/STEM.py from this copy instead")
+                        help="compile the kernels of gtacore/kernels/STEM.py from this copy instead")
     parser.add_argument("--max-configs", type=int, help="only the first N distinct configurations per kernel")
     args = parser.parse_args(argv)
     if "triton" in sys.modules and os.environ.get("TRITON_INTERPRET") == "1":
@@ -369,7 +369,7 @@ def test_aot_compile(qualified, arch, tmp_path):
 
 
 def _mutant(tmp_path: Path, old: str, new: str) -> Path:
-    """A copy of kernels/selective_logprobs.py with one edit, outside the repository."""
+    """A copy of gtacore/kernels/selective_logprobs.py with one edit, outside the repository."""
     source = (KERNEL_DIR / "selective_logprobs.py").read_text()
     assert source.count(old) == 1, f"mutation site not found (kernel changed?): {old!r}"
     path = tmp_path / "mutant_selective_logprobs.py"
@@ -396,10 +396,10 @@ def test_aot_rejects_a_type_bug_the_interpreter_accepts(tmp_path):
         assert mod.INTERPRET
         logits = torch.randn(3, 1500, dtype=torch.float32)
         targets = torch.tensor([0, 7, 1499])
-        got = mod.selective_logprobs(logits, targets, with_entropy=True)
+        logprobs, _lse, entropy = mod._rows_forward(logits, targets, None, 1.0, True)  # the copy's own kernel
         want = mod.selective_logprobs_reference(logits, targets, with_entropy=True)
-        torch.testing.assert_close(got.logprobs, want.logprobs)
-        torch.testing.assert_close(got.entropy, want.entropy)
+        torch.testing.assert_close(logprobs, want.logprobs)
+        torch.testing.assert_close(entropy, want.entropy)
     rows = run_worker(tmp_path, "--module-file", f"selective_logprobs={path}", "--max-configs", "1",
                       "--kernel", "selective_logprobs._selective_logprobs_fwd_kernel", "--arch", "90")
     assert rows and all(r["error"] and "Loop-carried variable s" in r["error"] for r in rows), rows

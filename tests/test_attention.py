@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from models.attention import _varlen_padded, masked_sdpa
+from gtacore.models.attention import _varlen_padded, masked_sdpa
 
 
 def _qkv(B, H, Hkv, Tq, Tk, Dh=16, seed=0, device="cpu", dtype=torch.float32):

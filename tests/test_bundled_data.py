@@ -1,4 +1,4 @@
-"""The bundled demo dataset (data/emotion_*.jsonl): well-formed, balanced, disjoint
+"""The bundled demo dataset (gtacore/bundled/emotion_*.jsonl): well-formed, balanced, disjoint
 splits, reproducible by data/make_dataset.py byte for byte, and not solvable by a
 single keyword or a plain emotion-word lookup."""
 
@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-DATA = ROOT / "data"
+DATA = ROOT / "gtacore" / "bundled"
 SPLITS = {"train": DATA / "emotion_train.jsonl", "test": DATA / "emotion_test.jsonl"}
 MIN_SIZE = {"train": 1000, "test": 300}
 WORD = re.compile(r"[a-z][a-z'-]*")
@@ -90,7 +90,7 @@ def test_no_duplicates_and_no_overlap_between_splits(splits):
 
 def test_generator_reproduces_committed_files(tmp_path):
     env = dict(os.environ, PYTHONHASHSEED="12345")  # set order must not matter
-    subprocess.run([sys.executable, str(DATA / "make_dataset.py"), "--out-dir", str(tmp_path), "--quiet"],
+    subprocess.run([sys.executable, str(ROOT / "data" / "make_dataset.py"), "--out-dir", str(tmp_path), "--quiet"],
                    check=True, env=env, cwd=tmp_path, timeout=120)
     for name, path in SPLITS.items():
         assert (tmp_path / path.name).read_bytes() == path.read_bytes(), (

@@ -6,8 +6,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-import models
-from models import CheckpointError, ConfigError
+from gtacore import models
+from gtacore.models import CheckpointError, ConfigError
 from tiny_models import FAMILIES, write_hf_checkpoint
 
 transformers = pytest.importorskip("transformers")
@@ -63,7 +63,7 @@ def test_overwrite_keeps_old_checkpoint_when_write_fails(tmp_path, monkeypatch):
     def crash(*a, **k):
         raise OSError("disk full")
 
-    monkeypatch.setattr("models.checkpoint.save_file", crash)
+    monkeypatch.setattr("gtacore.models.checkpoint.save_file", crash)
     with pytest.raises(OSError, match="disk full"):
         models.save_pretrained(m, tmp_path / "out")
     assert (out / "model.safetensors").read_bytes() == before

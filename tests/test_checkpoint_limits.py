@@ -14,11 +14,11 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import gtacore.checkpointing as ckpt
-import models
+from gtacore import models
 import train
-from gtacore.checkpointing import latest_checkpoint, remove_old_checkpoints, remove_partial_checkpoints
+from gtacore.run_dir import latest_checkpoint, remove_old_checkpoints, remove_partial_checkpoints
 from gtacore.config import parse_config
-from models.checkpoint import CheckpointError, link_pretrained
+from gtacore.models.checkpoint import CheckpointError, link_pretrained
 from train_fixtures import write_dataset, write_tiny_checkpoint
 
 transformers = pytest.importorskip("transformers")

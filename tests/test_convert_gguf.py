@@ -1,4 +1,4 @@
-"""models/convert_gguf.py against references that are obviously right.
+"""gtacore/models/convert_gguf.py against references that are obviously right.
 
 A tiny Llama GGUF is written here the way llama.cpp writes one (q/k rows
 permuted, tensors in every supported type, a byte-level BPE vocabulary trained
@@ -24,7 +24,7 @@ from gguf.quants import dequantize, quantize
 from safetensors.torch import load_file
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from models.convert_gguf import (
+from gtacore.models.convert_gguf import (
     GGUFError,
     build_tokenizer,
     convert_gguf,

@@ -23,15 +23,15 @@ os.environ.setdefault("GTACORE_POISON_OUTPUTS", "1")
 import pytest  # noqa: E402
 from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode  # noqa: E402
 
-from kernels import (  # noqa: E402
+from gtacore.kernels import (  # noqa: E402
     LossSettings,
     fused_linear_gta_loss,
     fused_linear_logprobs,
     gta_loss,
     selective_logprobs,
 )
-from kernels.gta_loss import RL, gta_row_loss_grad, gta_row_losses, gta_row_weights  # noqa: E402
-from kernels.selective_logprobs import HAS_TRITON, triton_runs_on  # noqa: E402
+from gtacore.kernels.gta_loss import RL, gta_row_loss_grad, gta_row_losses, gta_row_weights  # noqa: E402
+from gtacore.kernels.selective_logprobs import HAS_TRITON, triton_runs_on  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 ops = torch.ops.gtacore

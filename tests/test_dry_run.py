@@ -2,9 +2,9 @@
 
 import pytest
 
-import models
+from gtacore import models
 import train
-from models.tokenizer import Tokenizer
+from gtacore.models.tokenizer import Tokenizer
 from train_fixtures import LABELS, write_dataset, write_tiny_checkpoint
 
 pytest.importorskip("transformers")

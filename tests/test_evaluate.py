@@ -11,10 +11,10 @@ import pytest
 import torch
 
 import gtacore.evaluate as ev
-import models
+from gtacore import models
 import train
 from dist_eval_worker import SETTINGS, eval_args, load
-from models.tokenizer import Tokenizer
+from gtacore.models.tokenizer import Tokenizer
 from train_fixtures import write_tiny_checkpoint
 
 pytest.importorskip("transformers")

@@ -24,12 +24,12 @@ import pytest
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
-import models
+from gtacore import models
 from gtacore.losses import Branch, forward_backward, logprobs
 from gtacore.packing import RL_ROW, SFT_ROW, pack_prompts, pack_rows
 from gtacore.projection import apply_gradient_constraint
-from kernels import LossSettings
-from models.generate import SamplingParams, generate
+from gtacore.kernels import LossSettings
+from gtacore.models.generate import SamplingParams, generate
 
 CONFIG = dict(model_type="qwen3", hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
               num_key_value_heads=2, head_dim=16, vocab_size=512, tie_word_embeddings=True)  # GQA and Qwen3's q/k norms

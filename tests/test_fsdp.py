@@ -90,8 +90,9 @@ def test_optimizer_rows_assemble_from_uneven_shards(tmp_path):
     """Three shard files with uneven row splits (and one empty) load into an unsharded optimizer."""
     from safetensors.torch import save_file
 
-    from gtacore.checkpointing import STATE_JSON, load_trainer_state
-    from models.checkpoint import CheckpointError
+    from gtacore.checkpointing import load_trainer_state
+    from gtacore.run_dir import STATE_JSON
+    from gtacore.models.checkpoint import CheckpointError
 
     torch.manual_seed(0)
     weights = [torch.nn.Parameter(torch.randn(10, 3)), torch.nn.Parameter(torch.randn(2))]
@@ -125,7 +126,7 @@ def test_fsdp_mixed_precision_on_gpu(setup, tmp_path):
     a run that trains, writes a checkpoint transformers loads, and resumes."""
     import transformers
 
-    import models
+    from gtacore import models
 
     model, data, test = setup
     args = ["--model", str(model), "--data", str(data), "--eval-data", str(test), "--output-dir", str(tmp_path),

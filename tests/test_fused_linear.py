@@ -1,4 +1,4 @@
-"""kernels.fused_linear: chunked LM head + kernels against the unchunked float64 path."""
+"""gtacore.kernels.fused_linear: chunked LM head + kernels against the unchunked float64 path."""
 
 import importlib
 import os
@@ -11,14 +11,14 @@ os.environ.setdefault("GTACORE_POISON_OUTPUTS", "1")
 
 import pytest  # noqa: E402
 
-from kernels import LossSettings, fused_linear_gta_loss, fused_linear_logprobs  # noqa: E402
-from kernels.fused_linear import (  # noqa: E402
+from gtacore.kernels import LossSettings, fused_linear_gta_loss, fused_linear_logprobs  # noqa: E402
+from gtacore.kernels.fused_linear import (  # noqa: E402
     default_chunk_size,
     fused_linear_gta_loss_reference,
     fused_linear_logprobs_reference,
 )
 
-fused_linear_module = importlib.import_module("kernels.fused_linear")
+fused_linear_module = importlib.import_module("gtacore.kernels.fused_linear")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 N, V, D = 37, 1531, 24
 T = 0.7  # temperature of every call, and of the log-probs the old/ref ones are drawn around

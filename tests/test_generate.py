@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-import models
-from models.decoder import KVCache
-from models.generate import SamplingParams, decode_one_token, generate, left_pad, prefill, sample_tokens
+from gtacore import models
+from gtacore.models.decoder import KVCache
+from gtacore.models.generate import SamplingParams, decode_one_token, generate, left_pad, prefill, sample_tokens
 from tiny_models import write_hf_checkpoint
 
 EOS = 2
@@ -110,7 +110,7 @@ def test_stop_strings_cut_the_completion():
     vocab = [str(i) for i in range(50)]
     decode = lambda ids: " ".join(vocab[i] for i in ids)  # noqa: E731
     # Stop strings are checked on the text: the cut keeps the token that completes it.
-    from models.generate import _apply_stop_strings
+    from gtacore.models.generate import _apply_stop_strings
 
     tokens = torch.tensor([[5, 7, 9, 11], [1, 2, 3, 4], [7, 9, 0, 0]])
     mask = torch.tensor([[1, 1, 1, 1], [1, 1, 1, 1], [1, 1, 0, 0]], dtype=torch.bool)

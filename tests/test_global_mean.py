@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from kernels import LossSettings, RowCounts, gta_loss
+from gtacore.kernels import LossSettings, RowCounts, gta_loss
 from tiny_models import write_hf_checkpoint
 
 pytest.importorskip("transformers")

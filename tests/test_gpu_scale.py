@@ -8,9 +8,9 @@ checked against the fp32 reference computed on those rows alone. bench/gpu_check
 import pytest
 import torch
 
-from kernels import fused_linear_logprobs, selective_logprobs
-from kernels.fused_linear import fused_linear_logprobs_reference
-from kernels.selective_logprobs import selective_logprobs_reference
+from gtacore.kernels import fused_linear_logprobs, selective_logprobs
+from gtacore.kernels.fused_linear import fused_linear_logprobs_reference
+from gtacore.kernels.selective_logprobs import selective_logprobs_reference
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 

@@ -1,4 +1,4 @@
-"""kernels.gta_loss: the per-token objective against a Python loop, the loss against float64."""
+"""gtacore.kernels.gta_loss: the per-token objective against a Python loop, the loss against float64."""
 
 import math
 import os
@@ -11,9 +11,9 @@ os.environ.setdefault("GTACORE_POISON_OUTPUTS", "1")
 
 import pytest  # noqa: E402
 
-from kernels import LossSettings, gta_loss, gta_token_objective  # noqa: E402
-from kernels.gta_loss import gta_loss_reference, gta_row_weights  # noqa: E402
-from kernels.selective_logprobs import selective_logprobs_reference  # noqa: E402
+from gtacore.kernels import LossSettings, gta_loss, gta_token_objective  # noqa: E402
+from gtacore.kernels.gta_loss import gta_loss_reference, gta_row_weights  # noqa: E402
+from gtacore.kernels.selective_logprobs import selective_logprobs_reference  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 N, V = 37, 1000

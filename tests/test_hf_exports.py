@@ -12,7 +12,8 @@ import sys
 import pytest
 
 from gtacore.config import parse_config
-from gtacore.data import BUNDLED_TRAIN, DataError, load_examples, load_run_data
+from gtacore.data import DataError, load_examples
+from gtacore.run_data import BUNDLED_TRAIN, load_run_data
 
 try:
     import pyarrow as pa

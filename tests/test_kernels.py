@@ -1,4 +1,4 @@
-"""kernels.selective_logprobs against its float64 PyTorch reference."""
+"""gtacore.kernels.selective_logprobs against its float64 PyTorch reference."""
 
 import importlib
 import os
@@ -13,11 +13,11 @@ os.environ.setdefault("GTACORE_POISON_OUTPUTS", "1")
 
 import pytest  # noqa: E402
 
-from kernels import selective_logprobs  # noqa: E402
-from kernels.selective_logprobs import selective_logprobs_reference  # noqa: E402
+from gtacore.kernels import selective_logprobs  # noqa: E402
+from gtacore.kernels.selective_logprobs import selective_logprobs_reference  # noqa: E402
 
-# The module, not the function of the same name that kernels/__init__ exports.
-selective_logprobs_module = importlib.import_module("kernels.selective_logprobs")
+# The module, not the function of the same name that gtacore/kernels/__init__ exports.
+selective_logprobs_module = importlib.import_module("gtacore.kernels.selective_logprobs")
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 

@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from gtacore.memory import StepShape, activation_bytes_per_token_layer, estimate_memory, format_estimate, parameter_count
-from models.config import ModelConfig
-from models.decoder import Decoder, KVCache
+from gtacore.models.config import ModelConfig
+from gtacore.models.decoder import Decoder, KVCache
 from tiny_models import FAMILIES
 
 

@@ -20,13 +20,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import models
+from gtacore import models
 import train
 from gtacore.losses import Branch, forward_backward, logprobs
 from gtacore.packing import RL_ROW, SFT_ROW, pack_prompts, pack_rows
 from gtacore.parallel import compute_precision
-from kernels import LossSettings
-from models.generate import SamplingParams, compute_dtype, generate
+from gtacore.kernels import LossSettings
+from gtacore.models.generate import SamplingParams, compute_dtype, generate
 from train_fixtures import write_dataset, write_tiny_checkpoint
 
 pytest.importorskip("transformers")

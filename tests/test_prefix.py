@@ -5,7 +5,7 @@ import dataclasses
 import pytest
 import torch
 
-import models
+from gtacore import models
 from gtacore.config import LossArgs
 from gtacore.losses import Branch, branch_loss, forward_backward, head_weight, logprobs, loss_row_hidden
 from gtacore.packing import RL_ROW, SFT_ROW, pack_prompts, pack_rows

@@ -47,7 +47,7 @@ def clone(grads):
 
 
 def reference_constraint(sft_grads, rl_grads, mode, granularity):
-    """The constraint as GTA.md writes it, one parameter at a time, in float64."""
+    """The constraint as docs/method.md writes it, one parameter at a time, in float64."""
     P = len(sft_grads)
     sft, rl = [], []  # None -> zeros when the other gradient exists
     for s, r in zip(sft_grads, rl_grads):

@@ -4,7 +4,7 @@ import pytest
 
 from gtacore.completions import ANSWER, GUESS, OTHER, PROMPT, THINK, Parsed, format_target, parse_completion, rl_mask, span_codes
 from gtacore.prompts import build_messages, render_prompt, sft_target, sft_target_ids
-from models.tokenizer import Tokenizer
+from gtacore.models.tokenizer import Tokenizer
 from tokenizer_fixtures import CHATML_BLANK_LINE, write_tokenizer
 
 LABELS = ["joy", "sadness", "anger", "fear", "love", "surprise"]

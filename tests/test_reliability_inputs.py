@@ -18,13 +18,13 @@ from tiny_models import FAMILIES, write_hf_checkpoint
 from tokenizer_fixtures import write_tokenizer
 from train_fixtures import LABELS, write_dataset, write_tiny_checkpoint
 
-import models
+from gtacore import models
 from gtacore.checkpointing import load_trainer_state, save_checkpoint
 from gtacore.data import DataError, load_examples
-from gtacore.data import load_dataset_from_args
+from gtacore.run_data import load_dataset_from_args
 from gtacore.batches import BatchSampler
-from models import CheckpointError, ConfigError
-from models.tokenizer import Tokenizer, TokenizerError
+from gtacore.models import CheckpointError, ConfigError
+from gtacore.models.tokenizer import Tokenizer, TokenizerError
 
 
 def at(path) -> str:

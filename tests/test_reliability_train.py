@@ -16,10 +16,10 @@ import torch
 from safetensors.torch import load_file
 
 import train
-from gtacore.checkpointing import latest_checkpoint
+from gtacore.run_dir import latest_checkpoint
 from gtacore.data import DataError, Example
 from gtacore.prompts import make_prompts
-from models.tokenizer import Tokenizer
+from gtacore.models.tokenizer import Tokenizer
 from train_fixtures import LABELS, write_dataset, write_tiny_checkpoint
 
 pytest.importorskip("transformers")
@@ -292,7 +292,7 @@ def test_soak_kill_and_resume_matches_an_unbroken_run(setup, tmp_path):
 
 
 def test_debris_of_killed_writes_is_cleaned_and_a_moved_aside_checkpoint_restored(tmp_path):
-    from gtacore.checkpointing import remove_partial_checkpoints
+    from gtacore.run_dir import remove_partial_checkpoints
 
     for name in ("checkpoint-2", ".checkpoint-2.old-11", ".checkpoint-4.old-12", ".checkpoint-6.tmp-ab", ".final.tmp-cd",
                  ".checkpoint-8.state-shards", ".git"):

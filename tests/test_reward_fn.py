@@ -6,7 +6,7 @@ import math
 import pytest
 
 import train
-from gtacore.completions import batch_rewards, load_reward_fn
+from gtacore.rewards import batch_rewards, load_reward_fn
 from gtacore.config import parse_config
 from train_fixtures import LABELS, write_dataset, write_tiny_checkpoint
 

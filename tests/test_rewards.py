@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from gtacore.completions import Parsed
-from gtacore.completions import batch_rewards, group_advantages, reward
+from gtacore.rewards import batch_rewards, group_advantages, reward
 
 LABELS = ["joy", "sadness", "fear"]
 

@@ -10,7 +10,7 @@ from gtacore.data import Example
 from gtacore.completions import ANSWER, GUESS, format_target, parse_completion, rl_mask, span_codes
 from gtacore.prompts import build_messages, choose_layout, render_chat, sft_target_ids
 from gtacore.prompts import make_prompts
-from models.tokenizer import Tokenizer, TokenizerError
+from gtacore.models.tokenizer import Tokenizer, TokenizerError
 from tiny_models import BASE
 from tokenizer_fixtures import family_template, write_tokenizer
 

@@ -6,7 +6,7 @@ import pytest
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models as tok_models, pre_tokenizers, trainers
 
-from models.tokenizer import Tokenizer, TokenizerError
+from gtacore.models.tokenizer import Tokenizer, TokenizerError
 
 transformers = pytest.importorskip("transformers")
 

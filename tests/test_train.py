@@ -46,7 +46,7 @@ def test_each_mode_trains_logs_evaluates_and_saves(setup, tmp_path, mode):
     evals = [json.loads(line) for line in (out / "eval.jsonl").read_text().splitlines()]
     assert [e["tag"] for e in evals] == ["before", "after"] and "weighted_f1" in evals[-1]
     # The final checkpoint loads in transformers with the same logits as ours.
-    import models
+    from gtacore import models
 
     ours = models.load_pretrained(out / "final")
     ref = transformers.AutoModelForCausalLM.from_pretrained(out / "final", dtype=torch.float32).eval()

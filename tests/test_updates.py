@@ -26,10 +26,10 @@ from gtacore.distributed import DistInfo
 from gtacore.losses import Branch, branch_loss, head_weight, logprobs, loss_row_hidden
 from gtacore.packing import RL_ROW, SFT_ROW, pack_rows
 from gtacore.prompts import make_prompts, sft_targets
-from gtacore.completions import group_advantages
+from gtacore.rewards import group_advantages
 from gtacore.rollout import rollout
-from models import load_pretrained
-from models.tokenizer import Tokenizer
+from gtacore.models import load_pretrained
+from gtacore.models.tokenizer import Tokenizer
 from train_fixtures import LABELS, write_dataset, write_tiny_checkpoint
 from update_probe import record_updates, scripted_rewards
 
@@ -84,7 +84,7 @@ def test_ddp_and_fsdp_updates_see_the_mu1_gradient(setup, tmp_path):
 
 
 def _project(g_sft: torch.Tensor, g_rl: torch.Tensor) -> torch.Tensor:
-    """GTA.md's projection for one tensor, written out: drop g_sft's component against g_rl."""
+    """docs/method.md's projection for one tensor, written out: drop g_sft's component against g_rl."""
     dot = (g_sft * g_rl).sum()
     return g_sft - dot / g_rl.square().sum() * g_rl if dot < 0 else g_sft
 

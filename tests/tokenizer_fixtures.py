@@ -1,4 +1,4 @@
-"""Tiny tokenizers trained inside tests and written as checkpoint folders for models.tokenizer.Tokenizer.
+"""Tiny tokenizers trained inside tests and written as checkpoint folders for gtacore.models.tokenizer.Tokenizer.
 
 Kinds, chosen to split the format tags differently:
 - bytelevel: GPT-2 byte-level BPE; its regex keeps letters and punctuation apart, so tags

@@ -17,7 +17,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import models.checkpoint  # noqa: E402
+from gtacore.models import checkpoint as model_checkpoint  # noqa: E402
 import train  # noqa: E402
 
 
@@ -49,7 +49,7 @@ def nan_on_rank_1() -> None:
 
 
 def stall_in_save(marker: str) -> None:
-    real = models.checkpoint.save_file
+    real = model_checkpoint.save_file
     calls = {"weights": 0}
 
     def save_file(tensors, filename, metadata=None):
@@ -60,7 +60,7 @@ def stall_in_save(marker: str) -> None:
                 Path(marker).touch()
                 time.sleep(600)
 
-    models.checkpoint.save_file = save_file
+    model_checkpoint.save_file = save_file
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """The tokenizer of a llama.cpp GGUF file, rebuilt with `tokenizers` as a Hugging Face
 tokenizer.json (and the tokenizer_config.json fields) from the vocabulary, merges and token
-types the file stores (models/convert_gguf.py)."""
+types the file stores (gtacore/models/convert_gguf.py)."""
 
 from __future__ import annotations
 

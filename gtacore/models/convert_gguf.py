@@ -1,6 +1,6 @@
 """Import a llama.cpp GGUF file as a Hugging Face-layout Llama checkpoint.
 
-    python -m models.convert_gguf MODEL.gguf OUT_DIR [--dtype bfloat16]
+    python -m gtacore.models.convert_gguf MODEL.gguf OUT_DIR [--dtype bfloat16]
 
 A GGUF holds the weights (often block-quantized) and, as metadata, the model
 hyperparameters and the tokenizer's vocabulary. Three things differ from the
@@ -31,8 +31,8 @@ import numpy as np
 import torch
 from gguf import GGMLQuantizationType, GGUFReader
 from gguf.quants import dequantize
-from models.checkpoint import write_checkpoint
-from models.gguf_tokenizer import GGUFError, build_tokenizer, metadata_int
+from gtacore.models.checkpoint import write_checkpoint
+from gtacore.models.gguf_tokenizer import GGUFError, build_tokenizer, metadata_int
 
 _Q = GGMLQuantizationType
 SUPPORTED_TYPES = {_Q.F32, _Q.F16, _Q.BF16, _Q.Q8_0, _Q.Q4_0, _Q.Q4_1}
@@ -199,7 +199,7 @@ def convert_gguf(gguf_path: str | Path, out_dir: str | Path, dtype: torch.dtype 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
-        prog="python -m models.convert_gguf",
+        prog="python -m gtacore.models.convert_gguf",
         description="Convert a llama.cpp GGUF file (architecture 'llama'; F32/F16/BF16/Q8_0/Q4_0/Q4_1 tensors) "
         "into a Hugging Face-layout checkpoint folder: model.safetensors, config.json, tokenizer.json, "
         "tokenizer_config.json (with the chat template) and generation_config.json.",

@@ -1,7 +1,7 @@
 """LM head + selective log-probs / GTA loss in row chunks: hidden [N, D], weight [V, D], no [N, V].
 
-Math: logits = hidden @ weight.T / T (no bias), then as `kernels.selective_logprobs` and
-`kernels.gta_loss`. Rows are processed C at a time: the chunk's logits [C, V] are made by a torch
+Math: logits = hidden @ weight.T / T (no bias), then as `gtacore.kernels.selective_logprobs` and
+`gtacore.kernels.gta_loss`. Rows are processed C at a time: the chunk's logits [C, V] are made by a torch
 matmul in the hidden dtype, fed to the selective-logprobs kernels, and freed.
 
 fused_linear_gta_loss: the loss is a scalar and, once the per-row weights (row counts per kind
@@ -28,26 +28,11 @@ mode on CUDA each chunk's bf16 product is accumulated straight into the fp32 sum
 chunk's product is made in the weight dtype, a transient [V, D], and added to the fp32 sum, so
 the rounding does not grow with the number of chunks. grad_hidden [N, D] is in the hidden dtype.
 
-Custom ops (as in `kernels.selective_logprobs`): each chunk loop is one torch.library op with a
-fake implementation, so torch.compile keeps the loss in one graph and FakeTensorMode runs it:
-
-    gtacore::fused_linear_logprobs_fwd(Tensor hidden, Tensor weight, Tensor targets, Tensor? mask,
-        float temperature, SymInt chunk_size, bool fp32_grad_weight) -> (Tensor logprobs, Tensor lse)
-    gtacore::fused_linear_logprobs_bwd(Tensor dlogprobs, Tensor hidden, Tensor weight,
-        Tensor targets, Tensor? mask, Tensor lse, float temperature, SymInt chunk_size,
-        bool fp32_grad_weight, bool need_grad_hidden, bool need_grad_weight)
-        -> (Tensor grad_hidden, Tensor grad_weight)
-    gtacore::fused_linear_gta_loss(Tensor hidden, Tensor weight, Tensor targets, Tensor row_kind,
-        Tensor old_logprobs, Tensor advantages, Tensor? ref_logprobs, Tensor sft_weight,
-        Tensor rl_weight, float eps_low, float eps_high, float beta, float temperature,
-        float lambda_sft, float lambda_rl, SymInt chunk_size, bool fp32_grad_weight,
-        bool need_grad_hidden, bool need_grad_weight) -> (Tensor loss, Tensor sft_loss,
-        Tensor rl_loss, Tensor ratio, Tensor clipped, Tensor kl, Tensor entropy, Tensor logprobs,
-        Tensor grad_hidden, Tensor grad_weight)
-
-A gradient that is not asked for comes back as an empty tensor ([0]): an op cannot return None.
-The ops see hidden and weight in one dtype: the public functions cast them (autocast's dtype, in
-the autograd graph) and call the op with autocast off, so its matmuls run in that dtype.
+The chunk loops run as torch.library custom ops (`gtacore.kernels.ops`), which the public
+functions call as torch.ops.gtacore.*: torch.compile keeps the loss in one graph and
+FakeTensorMode runs it. The ops see hidden and weight in one dtype: the public functions cast
+them (autocast's dtype, in the autograd graph) and call the op with autocast off, so its matmuls
+run in that dtype.
 """
 
 from typing import NamedTuple
@@ -55,23 +40,10 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from kernels.gta_loss import (
-    IGNORE,
-    LossSettings,
-    RowCounts,
-    gta_loss_reference,
-    gta_row_loss_grad,
-    gta_row_losses,
-    gta_row_weights,
-)
-from kernels.selective_logprobs import (
-    OPS_NAMESPACE,
-    _new_output,
-    _rows_backward,
-    _rows_forward,
-    selective_logprobs_reference,
-    triton_runs_on,
-)
+from gtacore.kernels.gta_loss import (IGNORE, LossSettings, RowCounts, gta_loss_reference, gta_row_loss_grad,
+                                      gta_row_losses, gta_row_weights)
+from gtacore.kernels.selective_logprobs import (_new_output, _rows_backward, _rows_forward,
+                                                selective_logprobs_reference, triton_runs_on)
 
 MIN_CHUNK_ROWS = 256
 MIN_CHUNK_ROWS_CUDA = 2048  # a [2048, D] x [D, V] matmul keeps an H100's tensor cores busy
@@ -176,15 +148,12 @@ def _check_shapes(hidden, weight, targets):
 
 
 # ----------------------------------------------------------------------------------------------
-# fused_linear_logprobs as two ops: the forward keeps lse [N]; the backward recomputes the logits.
+# The chunk loops: the bodies of the custom ops in gtacore.kernels.ops (autograd is off inside).
 
 
-@torch.library.custom_op(f"{OPS_NAMESPACE}::fused_linear_logprobs_fwd", mutates_args=())
-def fused_linear_logprobs_fwd(
-    hidden: Tensor, weight: Tensor, targets: Tensor, mask: Tensor | None, temperature: float, chunk_size: int,
-    fp32_grad_weight: bool,
-) -> tuple[Tensor, Tensor]:
-    """(logprobs, lse), fp32 [N] each. chunk_size and fp32_grad_weight are for the backward."""
+def logprobs_chunks(hidden: Tensor, weight: Tensor, targets: Tensor, mask: Tensor | None,
+                    temperature: float, chunk_size: int) -> tuple[Tensor, Tensor]:
+    """(logprobs, lse), fp32 [N] each, one chunk of logits [C, V] alive at a time."""
     N = hidden.shape[0]
     logprobs = _new_output((N,), torch.float32, hidden.device)
     lse = _new_output((N,), torch.float32, hidden.device)
@@ -197,18 +166,11 @@ def fused_linear_logprobs_fwd(
     return logprobs, lse
 
 
-@fused_linear_logprobs_fwd.register_fake
-def _(hidden, weight, targets, mask, temperature, chunk_size, fp32_grad_weight):
-    N = hidden.shape[0]
-    return hidden.new_empty(N, dtype=torch.float32), hidden.new_empty(N, dtype=torch.float32)
-
-
-@torch.library.custom_op(f"{OPS_NAMESPACE}::fused_linear_logprobs_bwd", mutates_args=())
-def fused_linear_logprobs_bwd(
-    dlogprobs: Tensor, hidden: Tensor, weight: Tensor, targets: Tensor, mask: Tensor | None, lse: Tensor,
-    temperature: float, chunk_size: int, fp32_grad_weight: bool, need_grad_hidden: bool, need_grad_weight: bool,
-) -> tuple[Tensor, Tensor]:
-    """(grad_hidden [N, D] hidden dtype, grad_weight [V, D] weight dtype), each empty if not needed."""
+def logprobs_grad_chunks(dlogprobs: Tensor, hidden: Tensor, weight: Tensor, targets: Tensor, mask: Tensor | None,
+                         lse: Tensor, temperature: float, chunk_size: int, fp32_grad_weight: bool,
+                         need_grad_hidden: bool, need_grad_weight: bool) -> tuple[Tensor, Tensor]:
+    """(grad_hidden [N, D] hidden dtype, grad_weight [V, D] weight dtype), each empty if not needed;
+    each chunk's logits are recomputed."""
     grad_hidden, grad_weight = _new_grads(hidden, weight, need_grad_hidden, need_grad_weight, fp32_grad_weight)
     N = hidden.shape[0]
     for start in range(0, N, chunk_size):
@@ -224,59 +186,22 @@ def fused_linear_logprobs_bwd(
     return _or_empty(grad_hidden, hidden), _or_empty(grad_weight, weight)
 
 
-@fused_linear_logprobs_bwd.register_fake
-def _(dlogprobs, hidden, weight, targets, mask, lse, temperature, chunk_size, fp32_grad_weight,
-      need_grad_hidden, need_grad_weight):
-    return (hidden.new_empty(hidden.shape if need_grad_hidden else 0),
-            weight.new_empty(weight.shape if need_grad_weight else 0))
-
-
-def _fused_linear_logprobs_setup_context(ctx, inputs, output):
-    hidden, weight, targets, mask, temperature, chunk_size, fp32_grad_weight = inputs
-    _logprobs, lse = output
-    ctx.save_for_backward(hidden, weight, targets, mask, lse)
-    ctx.temperature, ctx.chunk_size, ctx.fp32_grad_weight = temperature, chunk_size, fp32_grad_weight
-    ctx.mark_non_differentiable(lse)
-
-
-def _fused_linear_logprobs_backward(ctx, dlogprobs, _dlse):
-    hidden, weight, targets, mask, lse = ctx.saved_tensors
-    need_hidden, need_weight = ctx.needs_input_grad[:2]
-    grad_hidden, grad_weight = fused_linear_logprobs_bwd(
-        dlogprobs, hidden, weight, targets, mask, lse, ctx.temperature, ctx.chunk_size, ctx.fp32_grad_weight,
-        need_hidden, need_weight,
-    )
-    return grad_hidden if need_hidden else None, grad_weight if need_weight else None, None, None, None, None, None
-
-
-fused_linear_logprobs_fwd.register_autograd(
-    _fused_linear_logprobs_backward, setup_context=_fused_linear_logprobs_setup_context
-)
-
-
-# ----------------------------------------------------------------------------------------------
-# fused_linear_gta_loss as one op: its forward returns the gradients, its backward scales them.
-
-
-@torch.library.custom_op(f"{OPS_NAMESPACE}::fused_linear_gta_loss", mutates_args=())
-def fused_linear_gta_loss_op(
+def gta_loss_chunks(
     hidden: Tensor, weight: Tensor, targets: Tensor, row_kind: Tensor, old_logprobs: Tensor, advantages: Tensor,
     ref_logprobs: Tensor | None, sft_weight: Tensor, rl_weight: Tensor,
     eps_low: float, eps_high: float, beta: float, temperature: float, lambda_sft: float, lambda_rl: float,
     chunk_size: int, fp32_grad_weight: bool, need_grad_hidden: bool, need_grad_weight: bool,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+) -> tuple[Tensor, ...]:
     """(loss, sft_loss, rl_loss, *stats in STAT_NAMES order, grad_hidden, grad_weight).
 
     Losses are fp32 scalars, stats [N] (fp32; clipped bool); grad_hidden [N, D] is in the hidden
     dtype, grad_weight [V, D] is the fp32 (fp32_grad_weight) or weight-dtype accumulator, unscaled:
-    d loss / d hidden and d loss / d weight. Each is empty where not needed; need_grad_* must be
-    True for an input that requires grad, as the registered backward returns these gradients.
+    d loss / d hidden and d loss / d weight. Each is empty where not needed.
     """
     N, device = hidden.shape[0], hidden.device
     grad_hidden, grad_weight = _new_grads(hidden, weight, need_grad_hidden, need_grad_weight, fp32_grad_weight)
     mask = row_kind != IGNORE
-    sft_loss = torch.zeros((), device=device)
-    rl_loss = torch.zeros((), device=device)
+    sft_loss, rl_loss = torch.zeros((), device=device), torch.zeros((), device=device)
     stats = {name: _new_output((N,), torch.float32, device) for name in STAT_NAMES if name != "clipped"}
     stats["clipped"] = torch.zeros(N, dtype=torch.bool, device=device)
     for start in range(0, N, chunk_size):
@@ -305,50 +230,9 @@ def fused_linear_gta_loss_op(
             _or_empty(grad_hidden, hidden), _or_empty(grad_weight, weight))
 
 
-@fused_linear_gta_loss_op.register_fake
-def _(hidden, weight, targets, row_kind, old_logprobs, advantages, ref_logprobs, sft_weight, rl_weight,
-      eps_low, eps_high, beta, temperature, lambda_sft, lambda_rl, chunk_size, fp32_grad_weight,
-      need_grad_hidden, need_grad_weight):
-    N = hidden.shape[0]
-    losses = [hidden.new_empty((), dtype=torch.float32) for _ in range(3)]
-    stats = [hidden.new_empty(N, dtype=torch.bool if name == "clipped" else torch.float32) for name in STAT_NAMES]
-    grad_hidden = hidden.new_empty(hidden.shape if need_grad_hidden else 0)
-    grad_weight = weight.new_empty(weight.shape if need_grad_weight else 0,
-                                   dtype=_grad_weight_dtype(weight, fp32_grad_weight))
-    return (*losses, *stats, grad_hidden, grad_weight)
-
-
-def _fused_linear_gta_loss_setup_context(ctx, inputs, output):
-    *_, grad_hidden, grad_weight = output
-    ctx.save_for_backward(grad_hidden, grad_weight)
-    ctx.weight_dtype = inputs[1].dtype
-    ctx.mark_non_differentiable(*output[1:])  # only the loss has a gradient
-
-
-def _fused_linear_gta_loss_backward(ctx, dloss, *_):
-    """The gradients were computed in the forward: scale them by the incoming d/d loss."""
-    grad_hidden, grad_weight = ctx.saved_tensors
-    need_hidden, need_weight = ctx.needs_input_grad[:2]
-    grad_hidden = grad_hidden * dloss if need_hidden else None
-    grad_weight = (grad_weight * dloss).to(ctx.weight_dtype) if need_weight else None
-    return (grad_hidden, grad_weight) + (None,) * 17
-
-
-fused_linear_gta_loss_op.register_autograd(
-    _fused_linear_gta_loss_backward, setup_context=_fused_linear_gta_loss_setup_context
-)
-
-
-def fused_linear_logprobs(
-    hidden: torch.Tensor,
-    weight: torch.Tensor,
-    targets: torch.Tensor,
-    temperature: float = 1.0,
-    mask: torch.Tensor | None = None,
-    chunk_size: int | None = None,
-    *,
-    fp32_grad_weight: bool = True,
-) -> torch.Tensor:
+def fused_linear_logprobs(hidden: Tensor, weight: Tensor, targets: Tensor, temperature: float = 1.0,
+                          mask: Tensor | None = None, chunk_size: int | None = None, *,
+                          fp32_grad_weight: bool = True) -> Tensor:
     """log softmax(hidden @ weight.T / T)[targets] as a differentiable [N] fp32 tensor.
 
     hidden [N, D], weight [V, D] in the same dtype (tied or not: grads go to the tensor passed),
@@ -363,8 +247,8 @@ def fused_linear_logprobs(
     mask = None if mask is None else mask.bool().contiguous()
     hidden, weight = _compute_inputs(hidden, weight)
     with torch.autocast(hidden.device.type, enabled=False):
-        logprobs, _lse = fused_linear_logprobs_fwd(hidden, weight, targets.contiguous(), mask, float(temperature),
-                                                   chunk_size, fp32_grad_weight)
+        logprobs, _lse = torch.ops.gtacore.fused_linear_logprobs_fwd(
+            hidden, weight, targets.contiguous(), mask, float(temperature), chunk_size, fp32_grad_weight)
     return logprobs
 
 
@@ -385,7 +269,7 @@ def fused_linear_gta_loss(
 ) -> FusedGTALoss:
     """lambda_sft * L_SFT + lambda_rl * L_RL from hidden [N, D] and weight [V, D], no [N, V].
 
-    Per-row inputs and settings as `kernels.gta_loss`. Returns FusedGTALoss(loss, sft_loss, rl_loss,
+    Per-row inputs and settings as `gtacore.kernels.gta_loss`. Returns FusedGTALoss(loss, sft_loss, rl_loss,
     stats): only `loss` is differentiable (to hidden and weight); the gradient is computed in the
     forward pass, so a backward through `loss` is cheap. To keep g_sft and g_rl apart, call this
     once per kind of rows.
@@ -406,7 +290,7 @@ def fused_linear_gta_loss(
     # runs with grad mode off and cannot ask); under torch.no_grad() none are.
     need_hidden, need_weight = (torch.is_grad_enabled() and t.requires_grad for t in (hidden, weight))
     with torch.autocast(hidden.device.type, enabled=False):
-        loss, sft_loss, rl_loss, *stats, _grad_hidden, _grad_weight = fused_linear_gta_loss_op(
+        loss, sft_loss, rl_loss, *stats, _grad_hidden, _grad_weight = torch.ops.gtacore.fused_linear_gta_loss(
             hidden, weight, targets.contiguous(), row_kind, old_logprobs, advantages, ref_logprobs,
             sft_weight, rl_weight, *scalars, chunk_size, fp32_grad_weight, need_hidden, need_weight,
         )

@@ -1,7 +1,7 @@
 """Generation demo: chat with a checkpoint through our KV-cache sampler.
 
-    python -m models.demo                      # the built-in SmolLM2-135M-Instruct
-    python -m models.demo --model PATH --prompt "Is this review positive? ..."
+    python -m gtacore.models.demo                      # the built-in SmolLM2-135M-Instruct
+    python -m gtacore.models.demo --model PATH --prompt "Is this review positive? ..."
 """
 
 from __future__ import annotations

@@ -12,7 +12,7 @@ Each row i of a flattened batch (N tokens) has a kind: 0 ignore, 1 SFT (a gold g
 
 Every aggregation is a weighted sum, L = sum_i w_i f(logp_i), with weights w_i fixed by the row
 kinds (and sequence ids) alone (`gta_row_weights`). So dL/dlogp_i depends on row i only, which
-is what lets `kernels.fused_linear` compute the gradient during its forward pass; it uses the
+is what lets `gtacore.kernels.fused_linear` compute the gradient during its forward pass; it uses the
 closed form `gta_row_loss_grad`, since autograd is off inside a custom op:
 
     d obj_i / d logp_i = rho_i A_i (0 where clipped) + beta (exp(ref_i - logp_i) - 1)
@@ -22,7 +22,7 @@ Several ranks: the means are over the global batch when `row_counts` gives the d
 the mean over ranks of the losses (and gradients) is the global loss, whatever each rank's share
 of the tokens. The per-sequence token count of seq_mean stays local: a sequence lives on one rank.
 
-Implementation: `kernels.selective_logprobs` over the rows with kind != 0 gives logp [N]; the
+Implementation: `gtacore.kernels.selective_logprobs` over the rows with kind != 0 gives logp [N]; the
 per-row math is plain PyTorch on [N] vectors (`gta_token_objective`, `gta_row_losses`, shared
 with the reference and the fused-linear path). Autograd turns the losses into dL/dlogp [N] and
 the logits-level backward kernel runs once per backward call. Memory traffic: each selected row
@@ -35,7 +35,7 @@ from typing import NamedTuple
 
 import torch
 
-from kernels.selective_logprobs import LogProbs, selective_logprobs, selective_logprobs_reference
+from gtacore.kernels.selective_logprobs import LogProbs, selective_logprobs, selective_logprobs_reference
 
 IGNORE, SFT, RL = 0, 1, 2  # row_kind codes
 AGGREGATIONS = ("token_mean", "seq_mean", "constant")

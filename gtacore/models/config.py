@@ -97,7 +97,7 @@ class ModelConfig:
             reject("rope_parameters.rope_type", rope_params.get("rope_type"))
         if rope_scaling is None and rope_params.get("rope_type") == "llama3":
             rope_scaling = rope_params
-        if rope_scaling is not None:  # llama3 scaling: models/rope.py reads these two
+        if rope_scaling is not None:  # llama3 scaling: gtacore/models/rope.py reads these two
             for key in ("factor", "original_max_position_embeddings"):
                 if key not in rope_scaling:
                     raise ConfigError(f"{source}: llama3 rope scaling is missing required key {key!r}")

@@ -19,18 +19,9 @@ floor for a softmax gradient. Everything is accumulated in fp32; no fp32 [N, V] 
 With inplace_backward=True the gradient overwrites the logits buffer (no second [N, V] buffer);
 the caller must not use the logits afterwards.
 
-Custom ops. The launchers are wrapped as PyTorch custom operators (torch.library, namespace
-gtacore), each with a fake implementation (shapes and dtypes only) and, for the forward, a
-registered backward: torch.compile then sees each kernel as one opaque node (no graph break) and
-FakeTensorMode (torch.compile's tracing, meta-device shape checks) runs the fake implementation
-instead of a kernel. The ops:
-
-    gtacore::selective_logprobs_fwd(Tensor logits, Tensor targets, Tensor? mask, float temperature,
-        bool with_entropy, bool inplace_backward) -> (Tensor logprobs, Tensor lse, Tensor entropy)
-    gtacore::selective_logprobs_bwd(Tensor dlogprobs, Tensor logits, Tensor targets, Tensor? mask,
-        Tensor lse, float temperature) -> Tensor dlogits
-    gtacore::selective_logprobs_bwd_inplace(Tensor dlogprobs, Tensor(a!) logits, Tensor targets,
-        Tensor? mask, Tensor lse, float temperature) -> ()       (dlogits written over logits)
+Custom ops. The launchers run as PyTorch custom operators (torch.ops.gtacore.selective_logprobs_*,
+registered in `gtacore.kernels.ops`), which the public function calls: torch.compile sees each
+kernel as one opaque node and FakeTensorMode runs it.
 
 Without Triton (no triton package, or CPU tensors without TRITON_INTERPRET=1) the public
 function runs `selective_logprobs_reference` instead, plain PyTorch, no custom op.
@@ -40,7 +31,6 @@ import os
 from typing import NamedTuple
 
 import torch
-from torch import Tensor
 
 try:
     import triton
@@ -230,92 +220,6 @@ def _prepare(logits, targets, mask):
     return logits, targets.contiguous(), mask
 
 
-# ----------------------------------------------------------------------------------------------
-# Custom ops (module docstring). Each takes and returns tensors and plain scalars only: no None
-# outputs (an empty tensor stands in for a missing entropy), no NamedTuples. The real
-# implementation launches a kernel; the fake one (`register_fake`) only makes outputs of the right
-# shape, dtype and device, and must not read data or launch anything.
-
-# An operator name can be defined once per process. tests/test_aot.py imports mutated copies of
-# this file under other module names: those register their own namespace, so each copy runs its
-# own kernels. The package's module is always "gtacore".
-OPS_NAMESPACE = "gtacore" if __name__ == "kernels.selective_logprobs" else "gtacore_" + __name__.replace(".", "_")
-
-
-@torch.library.custom_op(f"{OPS_NAMESPACE}::selective_logprobs_fwd", mutates_args=())
-def selective_logprobs_fwd(
-    logits: Tensor, targets: Tensor, mask: Tensor | None, temperature: float, with_entropy: bool,
-    inplace_backward: bool,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """(logprobs, lse, entropy), fp32 [N] each; entropy is empty ([0]) unless with_entropy.
-    inplace_backward does not change the forward: it is an input so that the registered backward
-    (which sees only the op's inputs and outputs) knows which backward op to call."""
-    logits, targets, mask = _prepare(logits, targets, mask)  # no-op for the public function's inputs
-    logprobs, lse, entropy = _rows_forward(logits, targets, mask, temperature, with_entropy)
-    return logprobs, lse, entropy if with_entropy else logits.new_empty(0, dtype=torch.float32)
-
-
-@selective_logprobs_fwd.register_fake
-def _(logits, targets, mask, temperature, with_entropy, inplace_backward):
-    N = logits.shape[0]
-    return (logits.new_empty(N, dtype=torch.float32), logits.new_empty(N, dtype=torch.float32),
-            logits.new_empty(N if with_entropy else 0, dtype=torch.float32))
-
-
-@torch.library.custom_op(f"{OPS_NAMESPACE}::selective_logprobs_bwd", mutates_args=())
-def selective_logprobs_bwd(
-    dlogprobs: Tensor, logits: Tensor, targets: Tensor, mask: Tensor | None, lse: Tensor, temperature: float,
-) -> Tensor:
-    """dL/dlogits [N, V] in the logits dtype, from dL/dlogprobs [N] and the forward's lse."""
-    logits, targets, mask = _prepare(logits, targets, mask)
-    dlogits = _new_output(logits.shape, logits.dtype, logits.device)
-    return _rows_backward(logits, targets, mask, lse, dlogprobs, temperature, dlogits)
-
-
-@selective_logprobs_bwd.register_fake
-def _(dlogprobs, logits, targets, mask, lse, temperature):
-    return logits.new_empty(logits.shape)
-
-
-@torch.library.custom_op(f"{OPS_NAMESPACE}::selective_logprobs_bwd_inplace", mutates_args=("logits",))
-def selective_logprobs_bwd_inplace(
-    dlogprobs: Tensor, logits: Tensor, targets: Tensor, mask: Tensor | None, lse: Tensor, temperature: float,
-) -> None:
-    """As selective_logprobs_bwd, but dL/dlogits overwrites `logits` (declared mutated: the op
-    is not functional, and torch.compile treats it so). Needs logits.stride(1) == 1, as a
-    contiguous copy would take the result instead of `logits`."""
-    if logits.stride(1) != 1:
-        raise ValueError("selective_logprobs_bwd_inplace needs logits with stride(1) == 1")
-    _, targets, mask = _prepare(logits, targets, mask)
-    _rows_backward(logits, targets, mask, lse, dlogprobs, temperature, logits)
-
-
-@selective_logprobs_bwd_inplace.register_fake
-def _(dlogprobs, logits, targets, mask, lse, temperature):
-    return None
-
-
-def _selective_logprobs_setup_context(ctx, inputs, output):
-    logits, targets, mask, temperature, _with_entropy, inplace_backward = inputs
-    _logprobs, lse, entropy = output
-    ctx.save_for_backward(logits, targets, mask, lse)
-    ctx.temperature, ctx.inplace_backward = temperature, inplace_backward
-    ctx.mark_non_differentiable(lse, entropy)  # statistics: only logprobs has a gradient
-
-
-def _selective_logprobs_backward(ctx, dlogprobs, _dlse, _dentropy):
-    logits, targets, mask, lse = ctx.saved_tensors
-    if ctx.inplace_backward:  # no second [N, V] buffer: the logits become their own gradient
-        selective_logprobs_bwd_inplace(dlogprobs, logits, targets, mask, lse, ctx.temperature)
-        dlogits = logits
-    else:
-        dlogits = selective_logprobs_bwd(dlogprobs, logits, targets, mask, lse, ctx.temperature)
-    return dlogits, None, None, None, None, None
-
-
-selective_logprobs_fwd.register_autograd(_selective_logprobs_backward, setup_context=_selective_logprobs_setup_context)
-
-
 def selective_logprobs(
     logits: torch.Tensor,
     targets: torch.Tensor,
@@ -338,7 +242,7 @@ def selective_logprobs(
     # Checks and layout before the op: the op saves its inputs for the backward, so a strided
     # logits is made contiguous once, here, and the backward reads the same copy.
     logits, targets, mask = _prepare(logits, targets, mask)
-    logprobs, lse, entropy = selective_logprobs_fwd(
+    logprobs, lse, entropy = torch.ops.gtacore.selective_logprobs_fwd(
         logits, targets, mask, float(temperature), with_entropy, inplace_backward
     )
     return LogProbs(logprobs, lse, entropy if with_entropy else None)

@@ -1,0 +1,103 @@
+"""A run's output folder: which checkpoints it holds, and removing old or unfinished ones.
+
+    OUTPUT_DIR/checkpoint-STEP/   complete once its trainer_state.json is there (gtacore.checkpointing)
+    OUTPUT_DIR/final/             the last checkpoint's weights, hard-linked
+
+Keeping only the newest checkpoints (`remove_old_checkpoints`): a checkpoint is
+first renamed to `.checkpoint-STEP.deleting-PID`, which `latest_checkpoint`
+never takes, then removed; a kill in between leaves only that hidden folder,
+and `remove_partial_checkpoints` clears it.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import sys
+from pathlib import Path
+from typing import Iterable
+
+STATE_JSON = "trainer_state.json"
+DELETING = ".deleting-"  # ".checkpoint-STEP.deleting-PID": a checkpoint being deleted (see remove_old_checkpoints)
+
+
+def checkpoint_dir(output_dir: str | Path, step: int) -> Path:
+    return Path(output_dir) / f"checkpoint-{step}"
+
+
+def _complete_checkpoints(output_dir: str | Path) -> list[tuple[int, Path]]:
+    """(step, folder) of every complete checkpoint (one with its trainer state), newest first."""
+    found = []
+    for p in Path(output_dir).glob("checkpoint-*"):
+        m = re.fullmatch(r"checkpoint-(\d+)", p.name)
+        if m and (p / STATE_JSON).is_file():
+            found.append((int(m.group(1)), p))
+    return sorted(found, key=lambda sp: sp[0], reverse=True)
+
+
+def latest_checkpoint(output_dir: str | Path) -> Path | None:
+    """The complete checkpoint with the highest step, or None."""
+    complete = _complete_checkpoints(output_dir)
+    return complete[0][1] if complete else None
+
+
+def remove_old_checkpoints(output_dir: str | Path, keep_last: int, protect: Iterable[Path | None] = ()) -> list[Path]:
+    """Delete every complete checkpoint but the `keep_last` newest (by step) and those in
+    `protect`; return the deleted ones. Folders without their trainer state are not touched.
+
+    Crash-safe: each is first renamed to `.checkpoint-STEP.deleting-PID` (one atomic rename:
+    from then on `latest_checkpoint` no longer sees it), then removed. A kill in between
+    leaves that hidden folder, which `remove_partial_checkpoints` clears. A removal that
+    fails (e.g. files held open on NFS) is reported and left for that cleanup; training goes on.
+    """
+    if keep_last <= 0:
+        return []
+    kept = {Path(p).absolute() for p in protect if p is not None}
+    removed = []
+    for _, p in _complete_checkpoints(output_dir)[keep_last:]:
+        if p.absolute() in kept:
+            continue
+        doomed = p.with_name(f".{p.name}{DELETING}{os.getpid()}")
+        _remove(doomed)  # a leftover of an earlier deletion under the same name
+        os.rename(p, doomed)
+        try:
+            _remove(doomed, strict=True)
+        except OSError as e:
+            print(f"warning: could not delete {doomed} ({e}); it is removed when a run next starts in "
+                  f"{p.parent}", file=sys.stderr, flush=True)
+        removed.append(p)
+    return removed
+
+
+def _remove(p: Path, strict: bool = False) -> None:
+    """Delete a folder, or only the link when it is a symlink (its target belongs to someone else)."""
+    if p.is_symlink():
+        p.unlink()
+    elif p.exists():
+        shutil.rmtree(p, ignore_errors=not strict)
+
+
+def remove_partial_checkpoints(output_dir: str | Path) -> list[Path]:
+    """Clean up after checkpoint writes that never finished (a killed run); return what was removed.
+
+    `.NAME.tmp-*` folders are unfinished writes and `.NAME.state-shards` the staging
+    of a sharded save: deleted. `.NAME.old-*` is the
+    previous NAME, moved aside just before its replacement was moved in: if the
+    kill came between the two moves, NAME is missing and the old folder goes back.
+    `.NAME.deleting-*` is an old checkpoint whose deletion (`--save-total-limit`)
+    never finished: deleted (a symlink only unlinked).
+    """
+    out = Path(output_dir)
+    removed = []
+    for p in (sorted(out.glob(".*.old-*")) + sorted(out.glob(".*.tmp-*")) + sorted(out.glob(".*.state-shards"))
+              + sorted(out.glob(f".*{DELETING}*"))):
+        name = p.name[1:].rsplit(".", 1)[0]  # ".checkpoint-4.old-123" -> "checkpoint-4"
+        if not (p.is_dir() or p.is_symlink()) or not (name.startswith("checkpoint-") or name == "final"):
+            continue
+        if ".old-" in p.name and not (out / name).exists():
+            p.rename(out / name)
+            continue
+        _remove(p)
+        removed.append(p)
+    return removed
