@@ -1,6 +1,7 @@
 """The benchmark scripts run (tiny shapes on CPU) and write their CSV, so they cannot rot."""
 
 import csv
+import importlib.util
 import os
 import subprocess
 import sys
@@ -8,8 +9,10 @@ from pathlib import Path
 
 import pytest
 
+from train_fixtures import write_dataset, write_tiny_checkpoint
+
 ROOT = Path(__file__).resolve().parents[1]
-# bench_vs_trl.py needs TRL and several minutes at its smallest; it is run by hand.
+# bench_vs_trl.py drives train.py and TRL in their own processes: test_bench_vs_trl_smoke.
 SCRIPTS = sorted(p.name for p in (ROOT / "bench").glob("bench_*.py") if p.name != "bench_vs_trl.py")
 
 
@@ -38,3 +41,19 @@ def test_gpu_check_dry_run(tmp_path):
     parts = [line for line in status_table.splitlines() if line.startswith("| ") and line[2].isdigit()]
     assert len(parts) == 5 and all("| ok |" in line for line in parts), summary[:2000]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["logs.tar.gz", "summary.md"]
+
+
+@pytest.mark.slow
+def test_bench_vs_trl_smoke(tmp_path):
+    """The side-by-side with TRL at tiny sizes: our grpo and gta runs (and TRL's, where installed)
+    go through the flags the script passes, and the table comes out."""
+    model, data = write_tiny_checkpoint(tmp_path / "model"), write_dataset(tmp_path / "data.jsonl", 12)
+    systems = "trl,grpo,gta" if importlib.util.find_spec("trl") else "grpo,gta"
+    cmd = [sys.executable, str(ROOT / "bench" / "bench_vs_trl.py"), "--systems", systems, "--steps", "2",
+           "--warmup-steps", "1", "--prompts", "2", "--group-size", "2", "--max-new-tokens", "8",
+           "--model", str(model), "--data", str(data), "--out", str(tmp_path / "out")]
+    res = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-2000:]
+    rows = {r["system"]: r for r in csv.DictReader(open(tmp_path / "out" / "results.csv"))}
+    assert {"ours-grpo", "ours-gta", "ours-gta / ours-grpo"} <= set(rows), rows
+    assert float(rows["ours-gta"]["total"]) > 0

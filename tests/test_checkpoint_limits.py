@@ -16,7 +16,7 @@ from safetensors.torch import load_file, save_file
 import gtacore.checkpointing as ckpt
 from gtacore import models
 import train
-from gtacore.run_dir import latest_checkpoint, remove_old_checkpoints, remove_partial_checkpoints
+from gtacore.run_dir import DELETING, latest_checkpoint, remove_old_checkpoints, remove_partial_checkpoints
 from gtacore.config import parse_config
 from gtacore.models.checkpoint import CheckpointError, link_pretrained
 from train_fixtures import write_dataset, write_tiny_checkpoint
@@ -146,7 +146,7 @@ def test_kill_during_deletion_is_cleaned_up_and_resume_is_exact(setup, limited, 
     real = shutil.rmtree
 
     def killed_midway(path, *args, **kwargs):
-        if ckpt.DELETING in Path(path).name:  # half of the folder is gone when the kill comes
+        if DELETING in Path(path).name:  # half of the folder is gone when the kill comes
             (Path(path) / "model.safetensors").unlink()
             (Path(path) / "trainer_state.safetensors").unlink()
             raise Killed
@@ -159,7 +159,7 @@ def test_kill_during_deletion_is_cleaned_up_and_resume_is_exact(setup, limited, 
     # The half-deleted folder is hidden, not a checkpoint-1 that holds its trainer_state.json but lacks files.
     assert _checkpoints(out) == ["checkpoint-2"]
     [debris] = _hidden(out)
-    assert debris.startswith(".checkpoint-1" + ckpt.DELETING) and (out / debris / ckpt.STATE_JSON).is_file()
+    assert debris.startswith(".checkpoint-1" + DELETING) and (out / debris / ckpt.STATE_JSON).is_file()
     assert latest_checkpoint(out) == out / "checkpoint-2"
     # --resume clears it, continues from checkpoint-2 (kept: it is the resume source) and ends exactly
     # where the unbroken run ended.

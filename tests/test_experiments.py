@@ -69,3 +69,38 @@ def test_collapse_table_keeps_earlier_rows_and_their_commit(tmp_path):
     written = list(csv.DictReader(open(tmp_path / "results.csv")))
     assert [r["commit"] for r in written][0] == "abc1234" and written[1]["commit"] != "abc1234"
     assert "| default (the defaults) | 0,1 | 0.600 (0.500-0.700) |" in (tmp_path / "results.md").read_text()
+
+
+TINY_RUN = ["--max-steps", "1", "--batch-size", "2", "--group-size", "2", "--max-new-tokens", "8",
+            "--max-eval-examples", "3", "--shots", "1", "--device", "cpu", "--no-progress"]
+
+
+@pytest.fixture(scope="module")
+def tiny_run_flags(tmp_path_factory):
+    from train_fixtures import write_dataset, write_tiny_checkpoint
+
+    folder = tmp_path_factory.mktemp("tiny")
+    model, data = write_tiny_checkpoint(folder / "model"), write_dataset(folder / "data.jsonl", 12)
+    return ["--model", str(model), "--data", str(data), "--eval-data", str(data), *TINY_RUN]
+
+
+@pytest.mark.slow
+def test_collapse_script_runs_end_to_end(tmp_path, tiny_run_flags):
+    """One variant, one seed, a tiny model: train.py, then the whole-test-split evaluation, then the table."""
+    out = tmp_path / "collapse"
+    subprocess.run([sys.executable, str(EXPERIMENTS / "collapse.py"), "--out", str(out), "--runs", "kl:0", "--",
+                    *tiny_run_flags], check=True, capture_output=True, timeout=600)
+    rows = list(csv.DictReader(open(out / "results.csv")))
+    assert [(r["variant"], r["seed"]) for r in rows] == [("kl", "0")]
+    assert 0 <= float(rows[0]["accuracy"]) <= 1 and (out / "results.md").is_file()
+
+
+@pytest.mark.slow
+def test_compare_modes_script_runs_end_to_end(tmp_path, tiny_run_flags):
+    out = tmp_path / "compare"
+    flags = list(tiny_run_flags)
+    del flags[flags.index("--max-steps"):flags.index("--max-steps") + 2]  # the script's own flag
+    subprocess.run([sys.executable, str(EXPERIMENTS / "compare_modes.py"), "--out", str(out), "--max-steps", "1",
+                    "--", *flags], check=True, capture_output=True, timeout=600)
+    rows = list(csv.DictReader(open(out / "results.csv")))
+    assert [r["mode"] for r in rows] == ["sft", "grpo", "gta"] and (out / "curves.png").is_file()
