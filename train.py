@@ -28,7 +28,7 @@ from gtacore.rewards import batch_rewards, group_advantages, load_reward_fn
 from gtacore.config import Config, parse_config
 from gtacore.run_data import load_run_data
 from gtacore.distributed import DistInfo, init_distributed, shutdown
-from gtacore.evaluate import evaluate
+from gtacore.evaluate import evaluate_with
 from gtacore.losses import Branch, forward_backward, logprobs
 from gtacore.memory import estimate_for_run, format_estimate
 from gtacore.metrics import CollapseWatch, StepMetrics, Stopwatch, print_summary
@@ -36,7 +36,8 @@ from gtacore.packing import RL_ROW, SFT_ROW, global_row_counts_, pack_prompts, p
 from gtacore.parallel import average_gradients, compute_precision, grad_norm_and_health, load_models, local, reshard
 from gtacore.progress import Progress
 from gtacore.reporting import Reporter
-from gtacore.run_dir import checkpoint_dir, latest_checkpoint, remove_partial_checkpoints
+from gtacore.run_dir import (STATE_JSON, RunFolderError, append_jsonl, check_fresh_run_dir, checkpoint_dir,
+                             clear_run_dir, latest_checkpoint, remove_partial_checkpoints, resume_changes, trim_logs)
 from gtacore.projection import apply_gradient_constraint
 from gtacore.prompts import make_prompts, print_dry_run, sft_targets
 from gtacore.rollout import rollout
@@ -146,22 +147,19 @@ def run(cfg: Config, info: DistInfo) -> None:
     torch.manual_seed(cfg.run.seed)
     out_dir, D, say = Path(cfg.run.output_dir), cfg.data, (print if info.is_main else lambda *a, **k: None)
 
-    # --- model folder, tokenizer, data (no weights yet: --dry-run stops before them) ---
+    # --- run folder, model folder, tokenizer, data (no weights yet: --dry-run stops before them) ---
     model_path = Path(cfg.model.model) if cfg.model.model else default_model_dir(verbose=info.is_main)
-    resume_from = latest_checkpoint(out_dir) if cfg.run.resume else None
-    if cfg.run.resume and resume_from is None:
-        say(f"--resume: no complete checkpoint in {out_dir}; starting fresh")
     tok = Tokenizer(model_path)
     tok.check_fits(models.ModelConfig.from_file(model_path).vocab_size, model_path)
-    data = load_run_data(cfg, say)
+    data = load_run_data(cfg, say)  # without --data: the bundled files, named in cfg as a saved run has them
+    resume_from = open_run_dir(cfg, say) if not cfg.run.dry_run else None
     sampler = BatchSampler(len(data.train.examples), cfg.rollout.batch_size, cfg.run.seed, info.rank, info.world_size,
                            source=D.data)
-    truncate = cfg.rollout.long_prompts == "truncate"
-    prompt_style = dict(system_prompt=D.system_prompt, template_system_prompt=D.template_system_prompt)
 
     def prompts_for(examples):
         return make_prompts(tok, examples, data.labels, cfg.loss.mode, data.shots, cfg.rollout.max_prompt_tokens,
-                            truncate, **prompt_style)
+                            cfg.rollout.long_prompts == "truncate", system_prompt=D.system_prompt,
+                            template_system_prompt=D.template_system_prompt)
 
     if cfg.run.dry_run:
         if info.is_main:
@@ -183,13 +181,11 @@ def run(cfg: Config, info: DistInfo) -> None:
     def run_eval(tag: str, step: int) -> dict | None:
         if not data.eval_examples:
             return None
-        with compute_precision(cfg.model.precision, info.device):
-            report = evaluate(rollout_model(), tok, data.eval_examples, data.labels, cfg.loss.mode, data.shots,
-                              cfg.rollout.max_new_tokens, cfg.rollout.max_prompt_tokens, cfg.run.eval_batch_size,
-                              progress=cfg.run.progress and info.is_main, truncate=truncate, info=info, **prompt_style)
+        report = evaluate_with(cfg, rollout_model(), tok, data.eval_examples, data.labels, data.shots, info,
+                               progress=cfg.run.progress and info.is_main)
         if info.is_main:
-            with open(out_dir / "eval.jsonl", "a") as f:
-                f.write(json.dumps({"step": step, "tag": tag, **{k: v for k, v in report.items() if k != "samples"}}) + "\n")
+            append_jsonl(out_dir / "eval.jsonl", {"step": step, "tag": tag, **{k: v for k, v in report.items()
+                                                                                if k != "samples"}})
             reporter.log(report, step, "eval")
         return report
 
@@ -199,14 +195,10 @@ def run(cfg: Config, info: DistInfo) -> None:
                       keep_last=cfg.run.save_total_limit, protect=[resume_from])
 
     estimate = estimate_for_run(cfg, policy.config, tok, data.train.examples, data.labels, data.shots, info.world_size,
-                                truncate)
+                                cfg.rollout.long_prompts == "truncate")
     if info.is_main:
         say(format_estimate(estimate, f"memory estimate per rank ({cfg.run.shard}, {info.world_size} rank(s)):"))
-        out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "memory_estimate.json").write_text(json.dumps({k: v / 1e9 for k, v in estimate.items()}, indent=2))
-        for partial in remove_partial_checkpoints(out_dir):
-            say(f"removed {partial.name}: a checkpoint write that never finished")
-        (out_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
+        start_run_dir(out_dir, cfg.to_dict(), estimate, start_step, say)
     reporter = Reporter(cfg.run.report_to if info.is_main else "none", out_dir, cfg.to_dict(), cfg.run.wandb_project,
                         cfg.run.run_name)
     before = run_eval("before", start_step) if start_step == 0 else None
@@ -222,8 +214,7 @@ def run(cfg: Config, info: DistInfo) -> None:
         bad_steps = bad_steps + 1 if metrics["skipped"] else 0
         metrics.update(step=step + 1, time_step=time.perf_counter() - t0, bad_steps_in_a_row=bad_steps)
         if info.is_main:
-            with open(out_dir / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(metrics) + "\n")
+            append_jsonl(out_dir / "metrics.jsonl", metrics)
             reporter.log(metrics, step + 1, "train")
         warning = collapse.update(metrics)
         bar.update(1, **{k: metrics[k] for k in ("reward_mean", "sft_loss", "rl_loss") if metrics.get(k) is not None},
@@ -231,12 +222,7 @@ def run(cfg: Config, info: DistInfo) -> None:
         if warning:
             say(f"\nstep {step + 1}: {warning}")
         if metrics["skipped"]:
-            say(f"\nstep {step + 1}: non-finite loss or gradient; update skipped ({bad_steps} in a row)")
-            if bad_steps >= cfg.optim.max_bad_steps:
-                raise TrainingError(
-                    f"{bad_steps} steps in a row had a non-finite loss or gradient (the last at step {step + 1}); stopping. "
-                    f"Nothing was written from them; the last checkpoint is {latest_checkpoint(out_dir) or 'none'}. "
-                    "Lower --lr, check the data and the model, or raise --max-bad-steps.")
+            check_bad_steps(bad_steps, step, cfg, out_dir, say)
         done = step + 1
         if cfg.run.eval_every and done % cfg.run.eval_every == 0 and done < cfg.optim.max_steps:
             run_eval("periodic", done)
@@ -244,16 +230,56 @@ def run(cfg: Config, info: DistInfo) -> None:
             save(checkpoint_dir(out_dir, done), done)
     bar.close()
 
-    # --- final ---
+    # --- final: the last checkpoint, final/ as hard links to its weights, the evaluation after ---
     last = checkpoint_dir(out_dir, cfg.optim.max_steps)
     save(last, cfg.optim.max_steps)
-    if info.is_main:  # final/ = the last checkpoint's weights: hard links to its files, not a second copy
-        if not models.checkpoint.link_pretrained(last, out_dir / "final"):
-            say(f"final/: the filesystem refused hard links, so {last.name}'s weights were copied")
+    if info.is_main and not models.checkpoint.link_pretrained(last, out_dir / "final"):
+        say(f"final/: the filesystem refused hard links, so {last.name}'s weights were copied")
     after = run_eval("after", cfg.optim.max_steps)
     reporter.close()
     if info.is_main:
         print_summary(before, after, out_dir, f"{cfg.loss.mode} on {Path(D.data).name}", estimate["peak"], info.device)
+
+
+def open_run_dir(cfg: Config, say) -> Path | None:
+    """The checkpoint to resume from, or None for a fresh start. A fresh run refuses a folder that
+    holds another run (unless --overwrite); --resume refuses flags that change what the run is."""
+    out_dir = Path(cfg.run.output_dir)
+    if not cfg.run.resume:
+        check_fresh_run_dir(out_dir, cfg.run.overwrite)
+        return None
+    resume_from = latest_checkpoint(out_dir)
+    if resume_from is None:
+        say(f"--resume: no complete checkpoint in {out_dir}; starting fresh")
+        return None
+    changes = resume_changes(json.loads((resume_from / STATE_JSON).read_text()).get("config", {}), cfg.to_dict())
+    if changes:
+        raise RunFolderError(f"--resume: {out_dir} is a run with other settings ({'; '.join(changes)}). Resume it "
+                             "with its own, or start a new run in another --output-dir")
+    return resume_from
+
+
+def start_run_dir(out_dir: Path, config: dict, estimate: dict, start_step: int, say) -> None:
+    """Rank 0, once the model and data are loaded: clear what this run replaces, then write its
+    configuration and memory estimate."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for partial in remove_partial_checkpoints(out_dir):
+        say(f"removed {partial.name}: a checkpoint write that never finished")
+    if start_step == 0:  # a fresh run (--overwrite, or --resume with nothing to resume): nothing of the old stays
+        for old in clear_run_dir(out_dir):
+            say(f"removed {old.name} of the earlier run in {out_dir}")
+    trim_logs(out_dir, start_step)
+    (out_dir / "memory_estimate.json").write_text(json.dumps({k: v / 1e9 for k, v in estimate.items()}, indent=2))
+    (out_dir / "config.json").write_text(json.dumps(config, indent=2))
+
+
+def check_bad_steps(bad_steps: int, step: int, cfg: Config, out_dir: Path, say) -> None:
+    say(f"\nstep {step + 1}: non-finite loss or gradient; update skipped ({bad_steps} in a row)")
+    if bad_steps >= cfg.optim.max_bad_steps:
+        raise TrainingError(
+            f"{bad_steps} steps in a row had a non-finite loss or gradient (the last at step {step + 1}); stopping. "
+            f"Nothing was written from them; the last checkpoint is {latest_checkpoint(out_dir) or 'none'}. "
+            "Lower --lr, check the data and the model, or raise --max-bad-steps.")
 
 
 if __name__ == "__main__":

@@ -111,7 +111,7 @@ def ours_command(args, mode: str, out: Path) -> list[str]:
              "w-acc": s["w_acc"], "lr": args.lr, "weight-decay": s["weight_decay"], "schedule": "constant",
              "warmup-steps": 0, "max-grad-norm": s["max_grad_norm"], "max-steps": args.steps, "seed": s["seed"],
              "output-dir": out}
-    return [sys.executable, str(REPO / "train.py"), *as_flags(flags), "--no-progress"]
+    return [sys.executable, str(REPO / "train.py"), *as_flags(flags), "--no-progress", "--overwrite"]
 
 
 def trl_command(args, out: Path) -> list[str]:
@@ -150,7 +150,6 @@ def run_system(args, system: str) -> dict:
     """Run one system in its own process; the medians of its measured steps (or an error)."""
     out = args.out / system
     out.mkdir(parents=True, exist_ok=True)
-    (out / "metrics.jsonl").unlink(missing_ok=True)  # train.py appends
     command = trl_command(args, out) if system == "trl" else ours_command(args, system, out)
     # A measurement, not a test: Triton's CPU interpreter would time Python, not the kernels' fallbacks.
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}

@@ -67,7 +67,7 @@ def train_runs(out: Path, cpu: bool) -> None:
     runs = {mode: [PY, "train.py", "--mode", mode, "--num-iterations", "2", "--beta", "0.04"] for mode in ("gta", "grpo", "sft")}
     runs["gta-fsdp"] = [PY, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1", "train.py", "--shard", "fsdp"]
     for name, cmd in runs.items():
-        res = subprocess.run([*cmd, *common, "--output-dir", str(out / name)], cwd=REPO, capture_output=True, text=True)
+        res = subprocess.run([*cmd, *common, "--output-dir", str(out / name), "--overwrite"], cwd=REPO, capture_output=True, text=True)
         print(f"train {name}: {'ok' if res.returncode == 0 else 'FAILED'}", flush=True)
         if res.returncode != 0:
             print(res.stdout[-2000:] + res.stderr[-4000:])

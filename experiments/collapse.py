@@ -50,7 +50,7 @@ def run_one(out: Path, name: str, seed: int, extra: list[str]) -> dict:
     if not report.is_file():
         t0 = time.time()
         cmd = [sys.executable, str(REPO / "train.py"), *VARIANTS[name][0], "--seed", str(seed), "--output-dir",
-               str(run_dir), "--save-every", "0", "--no-progress", *extra]
+               str(run_dir), "--save-every", "0", "--no-progress", "--overwrite", *extra]  # unfinished: redone
         print("$", " ".join(cmd), flush=True)
         subprocess.run(cmd, check=True, cwd=REPO, stdout=subprocess.DEVNULL)
         cmd = [sys.executable, "-m", "gtacore.evaluate", "--run", str(run_dir), "--max-examples", "0", "--output", str(report)]

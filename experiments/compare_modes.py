@@ -53,7 +53,7 @@ def main() -> None:
     for mode in modes:
         run_dir = out / mode
         cmd = [sys.executable, str(REPO / "train.py"), "--mode", mode, "--max-steps", str(args.max_steps),
-               "--output-dir", str(run_dir), "--save-every", "0", *extra]
+               "--output-dir", str(run_dir), "--save-every", "0", "--overwrite", *extra]  # a rerun replaces the mode's run
         print("$", " ".join(cmd), flush=True)
         subprocess.run(cmd, check=True, cwd=REPO)
 

@@ -19,6 +19,7 @@ from gtacore.kernels import LossSettings
 
 from .config_file import base_type, read_sections
 from .rewards import load_reward_fn
+from .run_dir import RESUMABLE, flag_name
 from .reporting import report_to_problems
 
 
@@ -118,8 +119,14 @@ class OptimArgs:
 
 @dataclass
 class RunArgs:
-    output_dir: str = opt("runs/gta", "metrics.jsonl, checkpoints and evaluation results go here")
-    resume: bool = opt(False, "continue from the last complete checkpoint in --output-dir")
+    output_dir: str = opt("runs/gta", "metrics.jsonl, checkpoints and evaluation results go here; a folder holding "
+                          "another run is refused (see --resume, --overwrite)")
+    resume: bool = opt(False, "continue the run in --output-dir from its last complete checkpoint. Only these flags "
+                       "may differ from the run's: " + ", ".join(flag_name(k) for k in RESUMABLE if k not in (
+                           "run.output_dir", "run.resume", "run.overwrite", "run.dry_run")) + " (with --schedule cosine, a new "
+                       "--max-steps stretches the schedule)")
+    overwrite: bool = opt(False, "start afresh in an --output-dir that holds a run: its logs, checkpoints and final/ "
+                          "are deleted once this run's configuration, model and data have been checked")
     eval_every: int = opt(0, "evaluate every N steps (0 = only before and after training)", **NONNEGATIVE)
     save_every: int = opt(0, "checkpoint every N steps (0 = only the final one)", **NONNEGATIVE)
     save_total_limit: int = opt(0, "keep only the N newest complete checkpoints, deleting older ones after each new one "

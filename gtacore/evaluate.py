@@ -129,6 +129,17 @@ def evaluate(model, tok: Tokenizer, data: list[Example], labels: list[str], mode
     return score(predictions, data, labels, mode)
 
 
+def evaluate_with(cfg: Config, model, tok: Tokenizer, examples: list[Example], labels: list[str],
+                  shots: list[Example], info: DistInfo, progress: bool) -> dict:
+    """`evaluate` with a run's settings and under its precision: what train.py and this command run."""
+    D = cfg.data
+    with compute_precision(cfg.model.precision, info.device):
+        return evaluate(model, tok, examples, labels, cfg.loss.mode, shots, cfg.rollout.max_new_tokens,
+                        cfg.rollout.max_prompt_tokens, cfg.run.eval_batch_size, progress=progress,
+                        truncate=cfg.rollout.long_prompts == "truncate", system_prompt=D.system_prompt,
+                        template_system_prompt=D.template_system_prompt, info=info)
+
+
 # --- the command ---
 
 # The training config's fields this command takes: {(section, field): (flag, help or None for the field's)}.
@@ -210,11 +221,7 @@ def main(argv=None) -> None:
         tok = Tokenizer(model_dir)
         tok.check_fits(models.ModelConfig.from_file(model_dir).vocab_size, model_dir)
         model = models.load_pretrained(model_dir, dtype=dtype, device=info.device)
-        with compute_precision(cfg.model.precision, info.device):
-            report = evaluate(model, tok, examples, labels, cfg.loss.mode, shots, cfg.rollout.max_new_tokens,
-                              cfg.rollout.max_prompt_tokens, cfg.run.eval_batch_size, progress=True,
-                              truncate=cfg.rollout.long_prompts == "truncate", system_prompt=D.system_prompt,
-                              template_system_prompt=D.template_system_prompt, info=info)
+        report = evaluate_with(cfg, model, tok, examples, labels, shots, info, progress=True)
         if info.distributed:
             dist.barrier()  # gloo: a rank that leaves while its last send is in flight aborts the other
     finally:

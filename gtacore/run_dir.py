@@ -11,6 +11,7 @@ and `remove_partial_checkpoints` clears it.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -101,3 +102,88 @@ def remove_partial_checkpoints(output_dir: str | Path) -> list[Path]:
         _remove(p)
         removed.append(p)
     return removed
+
+
+# --- one run per folder ---
+# A fresh run never writes into a folder that holds another run's logs, checkpoints or final/
+# (its steps would mix into theirs, and --resume would later pick up their checkpoint): it
+# stops, naming the ways on. --overwrite clears the old run's outputs first; --resume
+# continues it.
+
+LOGS = ("metrics.jsonl", "eval.jsonl")
+OUTPUTS = (*LOGS, "config.json", "memory_estimate.json", "curves.png", "tensorboard", "wandb", "final")
+
+
+# What a resumed run may change: how often it evaluates and saves, where it reports, how it
+# runs; never what it computes (config keys "section.field"; listed in --resume's help).
+RESUMABLE = ("optim.max_steps", "optim.max_bad_steps", "rollout.cuda_graph", *(f"run.{n}" for n in (
+    "output_dir", "resume", "overwrite", "eval_every", "save_every", "save_total_limit", "save_dtype", "eval_batch_size",
+    "device", "activation_checkpointing", "shard", "dist_timeout", "progress", "collapse_share", "collapse_steps",
+    "report_to", "wandb_project", "run_name", "dry_run")))
+
+
+class RunFolderError(ValueError):
+    """A run folder that cannot be used as asked; the message names it and the ways on."""
+
+
+def run_outputs(output_dir: str | Path) -> list[Path]:
+    """What a run wrote into the folder: logs, complete checkpoints, final/, plots. (A checkpoint
+    folder without its trainer state is not a run's: nothing here touches it.)"""
+    out = Path(output_dir)
+    return [out / name for name in OUTPUTS if (out / name).exists()] + [p for _, p in _complete_checkpoints(out)]
+
+
+def check_fresh_run_dir(output_dir: str | Path, overwrite: bool) -> None:
+    """Refuse a fresh run into a folder that holds a run, unless --overwrite."""
+    marks = [p.name for p in run_outputs(output_dir) if p.name in LOGS or p.name.startswith(("final", "checkpoint-"))]
+    if marks and not overwrite:
+        raise RunFolderError(
+            f"--output-dir {output_dir} holds a run ({', '.join(marks[:4])}{', ...' if len(marks) > 4 else ''}): "
+            "pass --resume to continue it, --overwrite to replace it, or another --output-dir")
+
+
+def clear_run_dir(output_dir: str | Path) -> list[Path]:
+    """Delete an earlier run's outputs (--overwrite); other files in the folder stay."""
+    removed = run_outputs(output_dir)
+    for p in removed:
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p)
+        else:
+            p.unlink()
+    return removed
+
+
+def trim_logs(output_dir: str | Path, step: int) -> None:
+    """Keep the log records of steps <= `step` (a resumed run's checkpoint): the steps after it
+    are run again, and their first records would otherwise stand beside the new ones."""
+    for name in LOGS:
+        path = Path(output_dir) / name
+        if path.is_file():
+            kept = [line for line in path.read_text().splitlines(True) if _step(line) <= step]
+            path.write_text("".join(kept))
+
+
+def _step(line: str) -> float:
+    """A log record's step; a line a kill cut short counts as after every step."""
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):
+        return float("inf")
+
+
+def append_jsonl(path: Path, record: dict) -> None:
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def flag_name(key: str) -> str:
+    """"optim.max_steps" -> "--max-steps"."""
+    return "--" + key.split(".")[-1].replace("_", "-")
+
+
+def resume_changes(saved: dict, now: dict) -> list[str]:
+    """Where a resumed run's configuration (Config.to_dict()) differs from the saved run's outside
+    RESUMABLE, as "--mode 'gta' -> 'grpo'"."""
+    return [f"{flag_name(f'{section}.{name}')} {old!r} -> {now[section][name]!r}"
+            for section, fields in saved.items() for name, old in fields.items()
+            if name in now.get(section, {}) and f"{section}.{name}" not in RESUMABLE and now[section][name] != old]

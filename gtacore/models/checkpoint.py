@@ -205,11 +205,23 @@ def _atomic_folder(path: Path) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
     try:
         yield tmp
+        _apply_umask(tmp)
         _fsync_dir(tmp)
         _replace_dir(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _apply_umask(folder: Path) -> None:
+    """The modes a plain mkdir / open would give under the user's umask (0755 / 0644 under 022), so
+    that a server running as another user can load the folder. mkdtemp makes 0700 and
+    safetensors writes 0600, whatever the umask."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for p in [folder, *folder.rglob("*")]:
+        if not p.is_symlink():
+            p.chmod((0o777 if p.is_dir() else 0o666) & ~umask)
 
 
 def _fsync_dir(folder: Path) -> None:
