@@ -28,6 +28,7 @@ from gtacore.rewards import batch_rewards, group_advantages, load_reward_fn
 from gtacore.config import Config, parse_config
 from gtacore.run_data import load_run_data
 from gtacore.distributed import DistInfo, init_distributed, shutdown
+from gtacore.errors import main_with_user_errors
 from gtacore.evaluate import evaluate_with
 from gtacore.losses import Branch, forward_backward, logprobs
 from gtacore.memory import estimate_for_run, format_estimate
@@ -36,8 +37,9 @@ from gtacore.packing import RL_ROW, SFT_ROW, global_row_counts_, pack_prompts, p
 from gtacore.parallel import average_gradients, compute_precision, grad_norm_and_health, load_models, local, reshard
 from gtacore.progress import Progress
 from gtacore.reporting import Reporter
-from gtacore.run_dir import (STATE_JSON, RunFolderError, append_jsonl, check_fresh_run_dir, checkpoint_dir,
-                             clear_run_dir, latest_checkpoint, remove_partial_checkpoints, resume_changes, trim_logs)
+from gtacore.run_dir import (STATE_JSON, RunFolderError, append_jsonl, check_fresh_run_dir, check_model_dir,
+                             checkpoint_dir, clear_run_dir, latest_checkpoint, remove_partial_checkpoints,
+                             resume_changes, trim_logs)
 from gtacore.projection import apply_gradient_constraint
 from gtacore.prompts import make_prompts, print_dry_run, sft_targets
 from gtacore.rollout import rollout
@@ -72,13 +74,13 @@ def train_step(cfg: Config, step: int, policy, rollout_model, ref_model, tok, pr
     params = [p for group in optimizer.param_groups for p in group["params"]]  # FSDP: not a module's gathered copy
     autocast = compute_precision(cfg.model.precision, dev)  # bf16-mixed: bf16 compute, fp32 weights and grads
     clock, metrics = Stopwatch("rollout", "ref_old_logprobs", "forward_backward", "constraint", "optimizer"), StepMetrics()
-    settings = L.settings(R.temperature, R.batch_size * G * R.max_new_tokens)
+    settings = L.settings(R.temperature, R.batch_size * G * R.max_new_tokens, info.world_size)
     if L.mode != "sft":  # RL: G sampled completions per prompt, rewarded, advantages within each group
         with clock("rollout"), autocast:
             ro = rollout(rollout_model, tok, prompts, L.mode, R, step_generator(cfg, step, info))
         golds = [prompts[r // G].example.label for r in range(len(ro.texts))]
         rewards, parsed = batch_rewards(ro.texts, golds, labels, L.mode, L.w_format, L.w_acc,
-                                        load_reward_fn(L.reward_fn) if L.reward_fn else None)
+                                        load_reward_fn(L.reward_fn) if L.reward_fn else None, step=step + 1)
         advantages = group_advantages(rewards, G, scale_std=L.scale_std)
         metrics.rollout(rewards, parsed, golds, labels, ro.num_tokens, clock.seconds["rollout"], L.mode)
     # The loss rows: each prompt once (shared prefix), then its SFT target and its G completions.
@@ -149,6 +151,7 @@ def run(cfg: Config, info: DistInfo) -> None:
 
     # --- run folder, model folder, tokenizer, data (no weights yet: --dry-run stops before them) ---
     model_path = Path(cfg.model.model) if cfg.model.model else default_model_dir(verbose=info.is_main)
+    check_model_dir(model_path)
     tok = Tokenizer(model_path)
     tok.check_fits(models.ModelConfig.from_file(model_path).vocab_size, model_path)
     data = load_run_data(cfg, say)  # without --data: the bundled files, named in cfg as a saved run has them
@@ -283,4 +286,4 @@ def check_bad_steps(bad_steps: int, step: int, cfg: Config, out_dir: Path, say) 
 
 
 if __name__ == "__main__":
-    main()
+    main_with_user_errors(main)

@@ -55,6 +55,8 @@ class DataArgs:
     text_field: str = opt("text", "field holding the text")
     label_field: str = opt("label", "field holding the label")
     labels: str | None = opt(None, "comma-separated label set, or a file with one label per line; default: from the data")
+    label_names: str | None = opt(None, "names of integer class labels in index order (label 0 first), comma-separated "
+                                  "or a file with one per line; a --recipe names them for the exports it knows")
     skip_unknown_labels: bool = opt(False, "skip rows whose label is outside the label set (counted) instead of failing")
     shots: int = opt(1, "worked examples shown before each question (small models need >= 1 to produce the format)", **NONNEGATIVE)
     system_prompt: str | None = opt(None, "the task instruction sent as the system message ({labels} becomes the label list); default: ours, which asks for the mode's format")
@@ -83,7 +85,9 @@ class LossArgs:
     eps_high: float = opt(0.2, "upper clip: ratio <= 1 + eps_high", **NONNEGATIVE)
     num_iterations: int = opt(1, "mu: optimizer updates per batch of rollouts (paper: 4)", **POSITIVE)
     agg: str = opt("token_mean", "RL loss aggregation", ("token_mean", "seq_mean", "constant"))
-    loss_normalizer: float = opt(0.0, "constant normaliser for --agg constant (0 = batch x max_new_tokens)", **NONNEGATIVE)
+    loss_normalizer: float = opt(0.0, "--agg constant: the RL loss is the sum over the global batch's RL tokens / this, "
+                                 "on any number of ranks (0 = prompts x G x max_new_tokens, prompts over all ranks)",
+                                 **NONNEGATIVE)
     scale_std: bool = opt(True, "divide advantages by the group std (off = Dr. GRPO)")
     w_format: float = opt(1.0, "reward weight of a well-formed completion", **NONNEGATIVE)
     w_acc: float = opt(1.0, "reward weight of a correct answer", **NONNEGATIVE)
@@ -99,11 +103,13 @@ class LossArgs:
     granularity: str = opt("per_param", "decide per parameter tensor or on the whole model", ("per_param", "global"))
     shared_prefix: bool = opt(True, "run each prompt once for all its continuations (off: every sequence in full)")
 
-    def settings(self, temperature: float, batch_tokens: float) -> LossSettings:
-        """The kernels' loss settings; `batch_tokens` (batch x G x max new tokens) is --agg constant's
-        normaliser unless --loss-normalizer gives one."""
+    def settings(self, temperature: float, batch_tokens: float, ranks: int = 1) -> LossSettings:
+        """The kernels' loss settings for one rank of `ranks`. --agg constant's normaliser: one rank's
+        `batch_tokens` (batch x G x max new tokens), or --loss-normalizer / ranks, since the ranks'
+        gradients are averaged: either way 2 ranks compute what 1 process of their union would."""
+        normalizer = self.loss_normalizer / ranks if self.loss_normalizer else batch_tokens
         return LossSettings(self.lambda_sft, self.lambda_rl, self.eps_low, self.eps_high, self.beta, temperature,
-                            self.agg, self.loss_normalizer or batch_tokens)
+                            self.agg, normalizer)
 
 
 @dataclass
@@ -193,9 +199,10 @@ def add_config_flags(parser: argparse.ArgumentParser, fields: dict | None = None
             if fields is not None and (section, f.name) not in fields:
                 continue
             flag, help = (fields or {}).get((section, f.name), ("--" + f.name.replace("_", "-"), None))
-            gpu = GPU_DEFAULTS.get((section, f.name))
-            default = f" (default: {f.default}" + (f"; {gpu} on a GPU)" if gpu is not None else ")")
-            kw = dict(default=argparse.SUPPRESS, help=(help or f.metadata["help"]) + default, dest=f"{section}.{f.name}")
+            gpu, text = GPU_DEFAULTS.get((section, f.name)), help or f.metadata["help"]
+            if "default:" not in text:  # else the text says it in words: "default: the bundled dataset"
+                text += f" (default: {f.default}" + (f"; {gpu} on a GPU)" if gpu is not None else ")")
+            kw = dict(default=argparse.SUPPRESS, help=text, dest=f"{section}.{f.name}")
             if base_type(hints[f.name]) is bool:
                 group.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
             else:

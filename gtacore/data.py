@@ -45,6 +45,7 @@ class ClassificationData:
     examples: list[Example]
     labels: list[str]  # the ordered label set, as the prompt lists it
     skipped: int = 0  # rows dropped by on_unknown_label="skip"
+    unmatched: int = 0  # rows --filter left out
 
 
 # ---------------------------------------------------------------------------
@@ -138,9 +139,9 @@ def load_examples(
     label_set = allowed if allowed is not None else names
     known = set(label_set) if label_set is not None else None
 
-    examples, skipped, unmatched = [], 0, 0
+    examples, skipped, unmatched, seen = [], 0, 0, {}
     for where, row in rows.items:
-        if not _matches(row, filters, rows.class_names, where):
+        if not _matches(row, filters, rows.class_names, where, seen):
             unmatched += 1
             continue
         text = _text(row, text_field, where)
@@ -151,7 +152,7 @@ def load_examples(
                 continue
             raise DataError(
                 f"{where}: label {label!r} is not in the label set {label_set}; "
-                "fix the label list or pass on_unknown_label='skip' to drop such rows"
+                "fix --labels, or pass --skip-unknown-labels to drop such rows"
             )
         examples.append(Example(text, label, where))
 
@@ -159,9 +160,9 @@ def load_examples(
         log.warning("%s: skipped %d rows with labels outside the label set", path, skipped)
     if not examples:
         raise DataError(f"{path}: no examples" + (f" ({skipped} rows skipped: unknown labels)" if skipped else "")
-                        + (f" (none of {unmatched} rows match the filter {filters})" if unmatched else ""))
+                        + (_no_match(filters, seen, unmatched) if unmatched else ""))
     final = list(label_set) if label_set is not None else sorted({e.label for e in examples})
-    return ClassificationData(examples, final, skipped)
+    return ClassificationData(examples, final, skipped, unmatched)
 
 
 def _label_list(labels: Sequence[str] | None, what: str) -> list[str] | None:
@@ -176,17 +177,28 @@ def _label_list(labels: Sequence[str] | None, what: str) -> list[str] | None:
     return out
 
 
-def _matches(row: dict, filters: dict[str, str], class_names: dict[str, list[str]], where: str) -> bool:
-    """Whether every filtered field of `row` has its value (a ClassLabel index compared by its name)."""
+def _matches(row: dict, filters: dict[str, str], class_names: dict[str, list[str]], where: str,
+             seen: dict[str, set[str]]) -> bool:
+    """Whether every filtered field of `row` has its value (a ClassLabel index compared by its name);
+    the values met are added to `seen`, for the error when nothing matches."""
+    ok = True
     for field, wanted in filters.items():
         if field not in row:
             raise DataError(f"{where}: no field {field!r} to filter on; fields are {sorted(row)}")
         value, names = row[field], class_names.get(field, [])
         if isinstance(value, int) and 0 <= value < len(names):
             value = names[value]
-        if str(value) != wanted:
-            return False
-    return True
+        seen.setdefault(field, set()).add(str(value))
+        ok = ok and str(value) == wanted
+    return ok
+
+
+def _no_match(filters: dict[str, str], seen: dict[str, set[str]], rows: int) -> str:
+    """' (--filter ... matches none of N rows; FIELD has: a, b, ...)' for the fields that never matched."""
+    values = [f"{field} has {', '.join(sorted(seen[field])[:12])}{', ...' if len(seen[field]) > 12 else ''}"
+              for field, wanted in filters.items() if wanted not in seen.get(field, ())]
+    given = ",".join(f"{k}={v}" for k, v in filters.items())
+    return f" (--filter {given} matches none of {rows} rows" + ("; " + "; ".join(values) if values else "") + ")"
 
 
 def _text(row: dict, field: str, where: str) -> str:
@@ -218,14 +230,14 @@ def _label(row: dict, field: str, names: list[str] | None, allowed: list[str] | 
             # index: training on the label "3" would teach the model nothing.
             raise DataError(
                 f"{where}: label {raw!r} looks like a class index but no label names were given; "
-                "pass label_names (index -> name, e.g. via a dataset recipe), or list it in labels "
-                "to use it as a name"
+                "name the classes with --label-names NAME0,NAME1,... (index order) or a --recipe, or list "
+                "it in --labels to use it as a name"
             )
     if isinstance(raw, int):
         if names is None:
             raise DataError(
-                f"{where}: integer label {raw} but no label names; pass label_names (index -> name), "
-                "e.g. via a dataset recipe"
+                f"{where}: integer label {raw} but no label names; name the classes with "
+                "--label-names NAME0,NAME1,... (index order) or a --recipe"
             )
         if not 0 <= raw < len(names):
             raise DataError(f"{where}: label index {raw} is out of range for {len(names)} label names {names}")

@@ -37,6 +37,8 @@ from .distributed import DistInfo, init_distributed, shutdown
 from .parallel import compute_precision
 from .metrics import classification_report, format_table, guess_answer_changes, label_counts, label_distribution
 from .progress import Progress
+from .errors import main_with_user_errors
+from .run_dir import RunFolderError, check_model_dir
 from .completions import parse_completion
 from .prompts import make_prompts
 
@@ -148,15 +150,19 @@ FIELDS = {
                                       "folder (its test split, else validation; FOLDER:SPLIT picks one)"),
     ("data", "data"): ("--train-data", "the training file: the label set and the worked examples come from it"),
     **{("data", n): ("--" + n.replace("_", "-"), None) for n in ("recipe", "text_field", "label_field", "labels",
-                                                                 "skip_unknown_labels", "shots", "system_prompt",
-                                                                 "template_system_prompt", "filter")},
+                                                                 "label_names", "skip_unknown_labels", "shots",
+                                                                 "system_prompt", "template_system_prompt")},
+    ("data", "filter"): ("--filter", "read only rows where FIELD=VALUE (comma-separated: all must match) of the "
+                                     "evaluation file and of --train-data, as the run did"),
     ("data", "max_eval_examples"): ("--max-examples", "evaluate on at most this many examples, a seeded sample (0 = all)"),
     ("loss", "mode"): ("--mode", "the output format to ask for and parse"),
     **{("rollout", n): ("--" + n.replace("_", "-"), None) for n in ("max_new_tokens", "max_prompt_tokens", "long_prompts")},
     ("run", "eval_batch_size"): ("--batch-size", None),
     ("run", "seed"): ("--seed", "seed for the worked examples and the --max-examples sample"),
-    ("model", "precision"): ("--precision", None),
+    ("model", "precision"): ("--precision", "fp32, bf16-mixed (fp32 weights, bf16 autocast) or bf16-true (bf16 "
+                                            "weights); with --run, the run's"),
     ("run", "device"): ("--device", None),
+    ("run", "progress"): ("--progress", "show a progress bar"),
 }
 
 
@@ -175,7 +181,7 @@ def config_from_args(args: argparse.Namespace) -> Config:
     """The run's config (or the defaults, evaluating all examples), with the given flags on top."""
     if args.run:
         if not (Path(args.run) / "config.json").is_file():
-            raise SystemExit(f"--run {args.run}: no config.json (a train.py output folder has one)")
+            raise RunFolderError(f"--run {args.run}: no config.json here (a train.py output folder has one)")
         cfg = apply_flags(Config(), config_file_values(Path(args.run) / "config.json"))
     else:
         cfg = Config()
@@ -191,7 +197,8 @@ def load_eval_set(cfg: Config) -> tuple[list[Example], list[str], list[Example]]
         data = load_run_data(cfg)
         return data.eval_examples, data.labels, data.shots
     test, _ = load_dataset_from_args(D.eval_data, None, D.recipe, D.text_field, D.label_field, D.labels, 0, cfg.run.seed,
-                                     D.skip_unknown_labels, filters=D.filter, splits=EVAL_SPLITS)
+                                     D.skip_unknown_labels, filters=D.filter, splits=EVAL_SPLITS,
+                                     label_names=D.label_names)
     return eval_subset(test.examples, D.max_eval_examples, cfg.run.seed), test.labels, []
 
 
@@ -218,10 +225,11 @@ def main(argv=None) -> None:
         # copy under bf16-mixed (parallel.WholeModel).
         fsdp_copy = cfg.model.precision == "bf16-mixed" and args.run and cfg.run.shard == "fsdp"
         dtype = torch.bfloat16 if cfg.model.precision == "bf16-true" or fsdp_copy else torch.float32
+        check_model_dir(model_dir)
         tok = Tokenizer(model_dir)
         tok.check_fits(models.ModelConfig.from_file(model_dir).vocab_size, model_dir)
         model = models.load_pretrained(model_dir, dtype=dtype, device=info.device)
-        report = evaluate_with(cfg, model, tok, examples, labels, shots, info, progress=True)
+        report = evaluate_with(cfg, model, tok, examples, labels, shots, info, progress=cfg.run.progress)
         if info.distributed:
             dist.barrier()  # gloo: a rank that leaves while its last send is in flight aborts the other
     finally:
@@ -233,4 +241,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    main_with_user_errors(main)

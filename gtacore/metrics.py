@@ -279,7 +279,7 @@ def print_summary(before: dict | None, after: dict | None, out_dir: Path, title:
             for k in ("accuracy", "weighted_f1", "format_rate", "guess_accuracy"):
                 if k in after:
                     print(f"{k:<16}{before.get(k, float('nan')):>10.3f}{after[k]:>10.3f}")
-            print("recall per class")  # a collapsed model has recall 1 on one class and 0 on the rest
+            print(f"\n{'recall per class':<16}{'before':>10}{'after':>10}")  # collapsed: 1 on one class, 0 on the rest
             for label, s in after["per_class"].items():
                 print(f"  {label:<14}{before['per_class'][label]['recall']:>10.3f}{s['recall']:>10.3f}")
             print(f"{'majority share':<16}{before.get('majority_label_share', 0):>10.3f}{after.get('majority_label_share', 0):>10.3f}")

@@ -47,7 +47,7 @@ class LossRows:
     spec: AttnSpec  # plain: varlen (cu_seqlens [S+1]); shared: prefix (a mask per prompt group)
     loss_index: torch.Tensor  # [M] long: the hidden states whose logits predict a loss token
     targets: torch.Tensor  # [M] long: the loss tokens
-    seq_ids: torch.Tensor  # [M] long: which continuation each loss row belongs to
+    seq_ids: torch.Tensor  # [M] long: which continuation each loss row belongs to, numbered 0.. over those with rows
     row_kind: torch.Tensor  # [M] int8: SFT_ROW or RL_ROW
     advantages: torch.Tensor  # [M] float32 (0 for SFT rows)
     row_counts: RowCounts  # the loss means' denominators: these rows' own counts until made global
@@ -85,6 +85,7 @@ def pack_rows(
         raise ValueError("pack_rows: a prompt needs at least one token (its last token predicts the first continuation token)")
     Np = sum(shared.lengths) if shared else 0
     ids, pos, loss_index, targets, seq_ids, adv = [], [], [], [], [], []
+    dense: dict[int, int] = {}  # continuation -> sequence id, numbered over those with loss rows (seq_mean's index)
     lengths, groups, masks = [], [], []
     for b, members in groupby(range(len(continuations)), key=lambda c: parent[c]):
         P, group_start, owner = lengths_of[b], len(ids), []  # owner: which member each group token is
@@ -101,7 +102,7 @@ def pack_rows(
                 if keep:
                     loss_index.append(at[j])
                     targets.append(cont[j])
-                    seq_ids.append(c)
+                    seq_ids.append(dense.setdefault(c, len(dense)))
                     adv.append(0.0 if advantages is None else float(advantages[c]))
             ids += cont
             pos += range(P, P + len(cont))

@@ -14,9 +14,21 @@ from pathlib import Path
 
 
 def read_jsonl(path: Path) -> list[dict]:
+    """The records of a run's log ([] where there is none yet); a last line a live run has not
+    finished writing is left out, any other bad line is an error naming it."""
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    lines = path.read_text().splitlines()
+    records = []
+    for lineno, line in enumerate(lines, 1):
+        try:
+            records.append(json.loads(line)) if line.strip() else None
+        except ValueError as error:
+            if lineno < len(lines):
+                from gtacore.readers import DataError
+
+                raise DataError(f"{path}:{lineno}: not a JSON record ({error})") from None
+    return records
 
 
 def plot_runs(run_dirs: list[str | Path], out: str | Path, title: str = "") -> Path:
@@ -75,9 +87,16 @@ def main(argv=None) -> None:
     ap.add_argument("--out", default=None, help="PNG path (default: curves.png in the first run)")
     ap.add_argument("--title", default="")
     args = ap.parse_args(argv)
+    for run in map(Path, args.runs):
+        if not (run / "metrics.jsonl").is_file():
+            from gtacore.run_dir import RunFolderError
+
+            raise RunFolderError(f"{run}: no metrics.jsonl here; pass the output folders of train.py runs")
     out = plot_runs(args.runs, args.out or Path(args.runs[0]) / "curves.png", args.title)
     print(f"wrote {out}")
 
 
 if __name__ == "__main__":
-    main()
+    from gtacore.errors import main_with_user_errors
+
+    main_with_user_errors(main)

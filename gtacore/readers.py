@@ -2,16 +2,21 @@
 Hugging Face dataset exports, and label lists, with errors naming the file and line
 (gtacore/data.py turns rows into examples).
 
-A data path is a file or a folder of Parquet/Arrow files, as the Hub and `datasets` write them:
+A data path is a file or a folder of Parquet/Arrow files, as the Hub and `datasets` write them.
+Split names come from the file and folder names, and differently named splits are never merged:
 
-- shards named by split: `data/train-00000-of-00002.parquet`, `split/test-00000-of-00001.parquet`;
-- one folder per split: `default/train/0000.parquet` (the Hub's refs/convert/parquet branch), or
-  `save_to_disk` of a DatasetDict (`dataset_dict.json`, and per split a folder with `state.json`,
-  `dataset_info.json` and `data-00000-of-00001.arrow`, an Arrow IPC stream);
-- one dataset: `save_to_disk` of a Dataset (the files its `state.json` lists), or any other
-  `.parquet`/`.arrow` files, read in name order.
+- files named by split: `SPLIT-00000-of-00002[-HASH].parquet` (the Hub's shards), or a split word
+  first (`train.parquet`, `test-0001.parquet`, `validation_part2.arrow`), at the root or under
+  `data/` (the Hub's Parquet export: `ROOT/data/train-00000-of-00001.parquet`);
+- one folder per split: `SPLIT/0000.parquet`, or `CONFIG/SPLIT/0000.parquet` (the Hub's
+  refs/convert/parquet branch), or `save_to_disk` of a DatasetDict (`dataset_dict.json`, and per
+  split a folder with `state.json`, `dataset_info.json` and `data-00000-of-00001.arrow`, an Arrow
+  IPC stream);
+- one dataset: `save_to_disk` of a Dataset (the files its `state.json` lists), or `.parquet` /
+  `.arrow` files none of which names a split, read in name order.
 
 `FOLDER:SPLIT` picks a split; a bare folder of splits gives the first of the caller's defaults it has.
+A split found in two places (two configs) is an error that names them: pick one folder.
 """
 
 from __future__ import annotations
@@ -36,6 +41,10 @@ class Rows(NamedTuple):
 
 COLUMNAR = (".parquet", ".arrow")
 SHARD = re.compile(r"(.+?)-\d+-of-\d+(?:-[0-9a-f]+)?")  # SPLIT-00000-of-00002[-HASH]: the Hub's shard names
+# Other file names that name a split: a split word, alone or before "-", "_" or "." (train.parquet,
+# test-0001.parquet). The words the Hub reads as splits; a file named otherwise names none.
+SPLIT_WORD = re.compile(r"(train|training|test|testing|validation|valid|val|dev|eval|evaluation)(?:[-_.].*)?",
+                        re.IGNORECASE)
 
 
 def read_rows(path: str | Path, fields: Sequence[str], encoding: str, splits: Sequence[str]) -> Rows:
@@ -82,15 +91,46 @@ def data_files(spec: str, splits: Sequence[str]) -> list[Path]:
 def _splits(folder: Path) -> dict[str, list[Path]]:
     """A folder's data files by split; a folder holding one dataset gives {"": files}."""
     files = _files(folder)
-    if not files:  # one subfolder per split
-        return {sub.name: _files(sub) for sub in sorted(folder.iterdir()) if sub.is_dir() and _files(sub)}
-    names = [SHARD.fullmatch(file.stem) for file in files]
-    if (folder / "state.json").is_file() or not all(names):
+    if files:
+        return _splits_by_name(folder, files)
+    found: dict[str, list[Path]] = {}
+    where: dict[str, Path] = {}
+    for sub in sorted(p for p in folder.iterdir() if p.is_dir()):
+        inner = _splits(sub)
+        # A subfolder holding one dataset is a split named by the folder (train/0000.parquet); one
+        # holding named splits passes them up (data/train-....parquet, CONFIG/SPLIT/...).
+        for name, split_files in ({sub.name: inner[""]} if list(inner) == [""] else inner).items():
+            if name in found:
+                raise DataError(f"{folder}: split {name!r} is in both {where[name].relative_to(folder)}/ and "
+                                f"{sub.relative_to(folder)}/ (two configurations?); pass the folder of the one "
+                                "you mean")
+            found[name], where[name] = split_files, sub
+    return found
+
+
+def _splits_by_name(folder: Path, files: list[Path]) -> dict[str, list[Path]]:
+    """Files in one folder by the split their names give; all of them one dataset if none names one."""
+    if (folder / "state.json").is_file():
         return {"": files}
+    names = [_split_name(file.stem) for file in files]
+    if not any(names):
+        return {"": files}
+    if not all(names):
+        named, other = (next(f.name for f, n in zip(files, names) if bool(n) == want) for want in (True, False))
+        raise DataError(f"{folder}: some files name a split ({named}) and others do not ({other}), so which rows "
+                        "are training rows is unclear; move them into folders of their own")
     found: dict[str, list[Path]] = {}
     for name, file in zip(names, files):
-        found.setdefault(name[1], []).append(file)
+        found.setdefault(name, []).append(file)
     return found
+
+
+def _split_name(stem: str) -> str | None:
+    shard = SHARD.fullmatch(stem)
+    if shard:
+        return shard[1]
+    word = SPLIT_WORD.fullmatch(stem)
+    return word[1] if word else None
 
 
 def _files(folder: Path) -> list[Path]:
@@ -243,40 +283,3 @@ def _class_names(schema, file: Path) -> dict[str, list[str]]:
 
 # ---------------------------------------------------------------------------
 # Batches and few-shot examples.
-
-
-def read_label_file(path: str | Path) -> list[str]:
-    """One label per line, in order; blank lines are ignored."""
-    path = Path(path)
-    lines = [(i, line.strip()) for i, line in enumerate(decode_file(path, "utf-8").split("\n"), 1)]
-    labels, seen = [], set()
-    for lineno, label in lines:
-        if not label:
-            continue
-        if label in seen:
-            raise DataError(f"{path}:{lineno}: duplicate label {label!r}")
-        seen.add(label)
-        labels.append(label)
-    return labels
-
-
-def parse_labels(labels: str | None) -> list[str] | None:
-    """`a,b,c` or the path of a file with one label per line."""
-    if labels is None:
-        return None
-    if Path(labels).is_file():
-        return read_label_file(labels)
-    return [x.strip() for x in labels.split(",") if x.strip()]
-
-
-def parse_filters(text: str | None) -> dict[str, str]:
-    """`field=value,field=value` (the --filter flag) as {field: value}; rows must match them all."""
-    filters: dict[str, str] = {}
-    for item in text.split(",") if text else []:
-        field, equals, value = (part.strip() for part in item.partition("="))
-        if not equals or not field:
-            raise DataError(f"--filter {text!r}: expected FIELD=VALUE[,FIELD=VALUE...], got {item!r}")
-        if field in filters:
-            raise DataError(f"--filter {text!r}: field {field!r} is given twice; a row has one value")
-        filters[field] = value
-    return filters

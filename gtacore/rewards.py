@@ -12,6 +12,9 @@ from __future__ import annotations
 import functools
 import importlib
 import importlib.util
+import inspect
+import os
+import sys
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -29,9 +32,15 @@ def reward(parsed: Parsed, gold: str, w_format: float = 1.0, w_acc: float = 1.0)
 #     def my_reward(parsed: list[Parsed], golds: list[str], labels: list[str]) -> list[float]: ...
 #
 # one float per completion (parsed[i].guess / .think / .answer / .format_ok), checked for length
-# and finiteness. The module is imported as Python imports any module (from the working
-# directory or PYTHONPATH), or given as a file: path/to/rewards.py:function.
+# and finiteness. The module is imported as `python -m` would find it (the working directory
+# first, then PYTHONPATH), or given as a file: path/to/rewards.py:function. Its signature is
+# checked when it is loaded, before any model is.
 RewardFn = Callable[[list[Parsed], list[str], list[str]], Sequence[float]]
+SIGNATURE = "fn(parsed, golds, labels) -> one float per completion"
+
+
+class RewardFnError(ValueError):
+    """A --reward-fn that cannot be loaded or called, or whose output is not one finite number per completion."""
 
 
 @functools.lru_cache(maxsize=None)
@@ -39,7 +48,7 @@ def load_reward_fn(spec: str) -> RewardFn:
     """'module:function' or 'path/to/file.py:function' -> the function (loaded once); a clear error otherwise."""
     where, _, name = spec.rpartition(":")
     if not where or not name:
-        raise ValueError(f"--reward-fn {spec!r}: expected module:function or path/to/file.py:function")
+        raise RewardFnError(f"--reward-fn {spec!r}: expected module:function or path/to/file.py:function")
     try:
         if where.endswith(".py"):
             loader = importlib.util.spec_from_file_location(Path(where).stem, where)
@@ -48,20 +57,30 @@ def load_reward_fn(spec: str) -> RewardFn:
             module = importlib.util.module_from_spec(loader)
             loader.loader.exec_module(module)
         else:
+            if os.getcwd() not in sys.path and "" not in sys.path:  # python train.py puts its own folder there
+                sys.path.insert(0, os.getcwd())
             module = importlib.import_module(where)
     except Exception as error:
-        raise ValueError(f"--reward-fn {spec!r}: cannot import {where}: {type(error).__name__}: {error}") from error
+        raise RewardFnError(f"--reward-fn {spec!r}: cannot import {where}: {type(error).__name__}: {error}") from error
     fn = getattr(module, name, None)
     if not callable(fn):
-        raise ValueError(f"--reward-fn {spec!r}: {where} has no function {name}")
+        raise RewardFnError(f"--reward-fn {spec!r}: {where} has no function {name}")
+    try:
+        inspect.signature(fn).bind(None, None, None)
+    except TypeError:
+        raise RewardFnError(f"--reward-fn {spec!r}: {name}{inspect.signature(fn)} cannot be called as "
+                            f"{SIGNATURE}") from None
+    except ValueError:  # no signature to read (some builtins): the first call tells
+        pass
     return fn
 
 
 def batch_rewards(
     texts: list[str], golds: list[str], labels: list[str], mode: str, w_format: float = 1.0, w_acc: float = 1.0,
-    reward_fn: RewardFn | None = None,
+    reward_fn: RewardFn | None = None, step: int | None = None,
 ) -> tuple[torch.Tensor, list[Parsed]]:
-    """Parse and reward N decoded completions: (rewards [N] float32, parsed [N])."""
+    """Parse and reward N decoded completions: (rewards [N] float32, parsed [N]). `step` names the
+    training step in a reward function's errors."""
     if len(texts) != len(golds):
         raise ValueError(f"{len(texts)} completions but {len(golds)} gold labels")
     check_labels(labels)
@@ -71,17 +90,21 @@ def batch_rewards(
     parsed = [parse_completion(t, labels, mode) for t in texts]
     if reward_fn is None:
         return torch.tensor([reward(p, y, w_format, w_acc) for p, y in zip(parsed, golds)], dtype=torch.float32), parsed
-    name = getattr(reward_fn, "__qualname__", repr(reward_fn))
+    name = getattr(reward_fn, "__qualname__", repr(reward_fn)) + (f" (step {step})" if step is not None else "")
     try:
-        rewards = torch.as_tensor([float(r) for r in reward_fn(parsed, list(golds), list(labels))], dtype=torch.float32)
+        out = reward_fn(parsed, list(golds), list(labels))
+    except Exception as error:
+        raise RewardFnError(f"reward function {name} raised {type(error).__name__}: {error}") from error
+    try:
+        rewards = torch.as_tensor([float(r) for r in out], dtype=torch.float32)
     except (TypeError, ValueError) as error:
-        raise ValueError(f"reward function {name}: must return one number per completion ({error})") from error
+        raise RewardFnError(f"reward function {name}: must return one number per completion ({error})") from error
     if rewards.shape != (len(texts),):
-        raise ValueError(f"reward function {name} returned {rewards.numel()} rewards for {len(texts)} completions")
+        raise RewardFnError(f"reward function {name} returned {rewards.numel()} rewards for {len(texts)} completions")
     if not torch.isfinite(rewards).all():
         bad = (~torch.isfinite(rewards)).nonzero()[0, 0].item()
-        raise ValueError(f"reward function {name} returned {rewards[bad].item()} for completion {bad}: "
-                         f"{texts[bad][:80]!r}; rewards must be finite")
+        raise RewardFnError(f"reward function {name} returned {rewards[bad].item()} for completion {bad}: "
+                            f"{texts[bad][:80]!r}; rewards must be finite")
     return rewards, parsed
 
 

@@ -19,6 +19,8 @@ import sys
 from pathlib import Path
 from typing import Iterable
 
+from .models.checkpoint import CheckpointError
+
 STATE_JSON = "trainer_state.json"
 DELETING = ".deleting-"  # ".checkpoint-STEP.deleting-PID": a checkpoint being deleted (see remove_old_checkpoints)
 
@@ -124,6 +126,16 @@ RESUMABLE = ("optim.max_steps", "optim.max_bad_steps", "rollout.cuda_graph", *(f
 
 class RunFolderError(ValueError):
     """A run folder that cannot be used as asked; the message names it and the ways on."""
+
+
+def check_model_dir(path: str | Path) -> None:
+    """--model naming no folder, or a run's output folder instead of a checkpoint in it."""
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"--model {path}: no such folder (a Hugging Face-layout checkpoint folder)")
+    if ((path / "final").is_dir() or (path / LOGS[0]).is_file()) and not any(path.glob("model*.safetensors")):
+        raise RunFolderError(f"--model {path} is a run folder, not a checkpoint: use {path / 'final'} (its last "
+                             "weights) or one of its checkpoint-STEP folders")
 
 
 def run_outputs(output_dir: str | Path) -> list[Path]:

@@ -54,13 +54,14 @@ def rank_mean(x: torch.Tensor, info) -> float:
     return x.item()
 
 
-def grads_and_losses(model, params, batch, agg, shared_prefix, info):
+def grads_and_losses(model, params, batch, agg, normalizer, shared_prefix, info):
     prompts, conts, masks, adv, sft = batch
     packed = pack_prompts(prompts, "cpu") if shared_prefix else prompts
     rl = pack_rows(packed, [r // G for r in range(len(conts))], conts, masks, RL_ROW, adv, "cpu")
     sf = pack_rows(packed, list(range(len(prompts))), sft, [[True] * len(s) for s in sft], SFT_ROW, None, "cpu")
     global_row_counts_([sf, rl], info)
-    settings = LossArgs(agg=agg).settings(1.0, len(prompts) * G * MAX_NEW)  # per-rank batch, as train.py
+    settings = LossArgs(agg=agg, loss_normalizer=normalizer).settings(1.0, len(prompts) * G * MAX_NEW,
+                                                                     info.world_size)  # per-rank batch, as train.py
     out = []
     for r in forward_backward(model, params, [Branch(sf, settings), Branch(rl, settings)]):
         average_gradients(r.grads, info)  # DDP; FSDP's are reduce-scattered already
@@ -77,12 +78,14 @@ def main(model_dir: str, out_dir: str) -> None:
     vocab = plain.config.vocab_size
     batches = [rank_batch(r, vocab) for r in range(world)]
     report = {}
-    for agg in ("token_mean", "seq_mean", "constant"):
+    for agg, normalizer in (("token_mean", 0.0), ("seq_mean", 0.0), ("constant", 0.0), ("constant", 37.0)):
         for shared_prefix in (True, False):
-            expected = grads_and_losses(plain, list(plain.parameters()), union(batches), agg, shared_prefix, alone)
+            expected = grads_and_losses(plain, list(plain.parameters()), union(batches), agg, normalizer,
+                                        shared_prefix, alone)
             for name, model in (("ddp", plain), ("fsdp", fsdp)):
-                got = grads_and_losses(model, list(model.parameters()), batches[rank], agg, shared_prefix, info)
-                key = f"{agg}-{'prefix' if shared_prefix else 'plain'}-{name}"
+                got = grads_and_losses(model, list(model.parameters()), batches[rank], agg, normalizer, shared_prefix,
+                                       info)
+                key = f"{agg}{normalizer or ''}-{'prefix' if shared_prefix else 'plain'}-{name}"
                 for kind, (g, l), (e, el) in zip(("sft", "rl"), got, expected):
                     diff = max((a - b).abs().max().item() for a, b in zip(g, e))
                     scale = max(b.abs().max().item() for b in e)

@@ -11,7 +11,7 @@ from gtacore.batches import BatchSampler
 from gtacore.data import (
     RECIPES, ClassificationData, DataError, Example, apply_recipe, few_shot_examples, load_examples, split_examples,
 )
-from gtacore.readers import read_label_file
+from gtacore.run_data import read_label_file
 
 
 def write(tmp_path, name, content):

@@ -30,7 +30,7 @@ def test_two_ranks_compute_the_union_loss_and_gradients(tmp_path):
     res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-4000:]
     report = json.loads((tmp_path / "report.json").read_text())
-    assert len(report) == 3 * 2 * 2 * 2  # agg x path x {ddp, fsdp} x {sft, rl}
+    assert len(report) == 4 * 2 * 2 * 2  # agg (constant twice: default and --loss-normalizer) x path x {ddp, fsdp} x {sft, rl}
 
 
 @pytest.mark.parametrize("agg", ["token_mean", "seq_mean"])
@@ -54,3 +54,23 @@ def test_row_counts_are_the_denominators(agg):
     # Without the global counts each part is its own mean, and their mean is not the union's.
     alone = [gta_loss(**r, settings=LossSettings(agg=agg), seq_ids=s) for r, s in zip(rows, seqs)]
     assert not torch.allclose(sum(p.rl_loss for p in alone) / 2, expected.rl_loss)
+
+
+def test_seq_mean_takes_completions_without_rl_tokens():
+    """A gta completion cut right after </guess> has no RL row: sequence ids stay dense (they index
+    a [rows] buffer), and seq_mean averages over the sequences that have rows."""
+    from gtacore.packing import RL_ROW, pack_rows
+
+    conts, masks = [[5, 6], [7], [4], [3, 3]], [[False, False], [False], [True], [True, True]]
+    rows = pack_rows([[1, 2], [1, 3]], [0, 0, 1, 1], conts, masks, RL_ROW, [0.5, -1.0, 2.0, 1.5], "cpu")
+    assert rows.seq_ids.tolist() == [0, 1, 1]
+    torch.manual_seed(0)
+    logits, kind, adv = torch.randn(3, 11, dtype=torch.float64), torch.full((3,), 2), rows.advantages.double()
+    old = torch.full((3,), -1.0, dtype=torch.float64)
+
+    def loss(part, agg, **kw):
+        return gta_loss(logits[part], rows.targets[part], kind[part], old[part], adv[part],
+                        settings=LossSettings(agg=agg), **kw).rl_loss
+
+    by_seq = loss(slice(0, 3), "seq_mean", seq_ids=rows.seq_ids)
+    assert torch.allclose(by_seq, (loss(slice(0, 1), "token_mean") + loss(slice(1, 3), "token_mean")) / 2)

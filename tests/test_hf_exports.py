@@ -187,8 +187,8 @@ def test_massive_dataset_dict_with_locale_filter(massive):
     # A ClassLabel field is filtered by its name; every filter must match.
     alarms = run_data("--data", str(massive), "--filter", "scenario=alarm", "--recipe", "massive")
     assert [e.text for e in alarms.train.examples] == ["wake me up at seven", "réveille-moi à sept heures"]
-    with pytest.raises(DataError, match=r"massive: no examples \(none of 4 rows match the filter "
-                                        r"\{'locale': 'en-us'\}\)"):
+    with pytest.raises(DataError, match=r"massive: no examples \(--filter locale=en-us matches none of 4 rows; "
+                                        r"locale has en-US, fr-FR\)"):
         run_data("--data", str(massive), "--filter", "locale=en-us", "--recipe", "massive")
 
 
