@@ -159,15 +159,9 @@ class RunArgs:
 
 # The defaults above are sized so that `python train.py` finishes in about 15 minutes
 # on a 2-core CPU. With a GPU, fields still at their default take these instead.
-GPU_DEFAULTS = {
-    ("model", "precision"): "bf16-mixed",
-    ("rollout", "batch_size"): 8,
-    ("rollout", "group_size"): 16,
-    ("optim", "max_steps"): 100,
-    ("data", "max_eval_examples"): 0,
-    ("run", "eval_every"): 25,
-    ("loss", "beta"): 0.01,
-}
+GPU_DEFAULTS = {("model", "precision"): "bf16-mixed", ("rollout", "batch_size"): 8, ("rollout", "group_size"): 16,
+                ("optim", "max_steps"): 100, ("data", "max_eval_examples"): 0, ("run", "eval_every"): 25,
+                ("loss", "beta"): 0.01}
 
 CONFIG_CLASSES = (ModelArgs, DataArgs, RolloutArgs, LossArgs, OptimArgs, RunArgs)
 
