@@ -24,7 +24,7 @@ import torch
 from gtacore import models
 from gtacore.batches import BatchSampler
 from gtacore.checkpointing import TrainingError, load_trainer_state, save_training
-from gtacore.rewards import batch_rewards, group_advantages, load_reward_fn
+from gtacore.rewards import batch_rewards, group_advantages, load_reward_fn, zero_variance_groups
 from gtacore.config import Config, parse_config
 from gtacore.run_data import load_run_data
 from gtacore.distributed import DistInfo, init_distributed, shutdown
@@ -82,6 +82,7 @@ def train_step(cfg: Config, step: int, policy, rollout_model, ref_model, tok, pr
         rewards, parsed = batch_rewards(ro.texts, golds, labels, L.mode, L.w_format, L.w_acc,
                                         load_reward_fn(L.reward_fn) if L.reward_fn else None, step=step + 1)
         advantages = group_advantages(rewards, G, scale_std=L.scale_std)
+        metrics.add(zero_variance_groups=zero_variance_groups(rewards, G))  # groups with no RL signal
         metrics.rollout(rewards, parsed, golds, labels, ro.num_tokens, clock.seconds["rollout"], L.mode)
     # The loss rows: each prompt once (shared prefix), then its SFT target and its G completions.
     prompt_rows = pack_prompts([p.ids for p in prompts], dev) if L.shared_prefix else [p.ids for p in prompts]

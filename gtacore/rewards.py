@@ -125,3 +125,10 @@ def group_advantages(rewards: torch.Tensor, group_size: int, scale_std: bool = T
         adv = adv / (r.std(dim=1, keepdim=True) + eps)
     constant = r.amax(dim=1, keepdim=True) == r.amin(dim=1, keepdim=True)  # [B, 1]
     return adv.masked_fill(constant, 0.0).view(-1)  # [B*G]
+
+
+def zero_variance_groups(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
+    """The share of groups (rewards [B*G], G contiguous) whose G rewards are all equal: their
+    advantages are zero, so they carry no RL signal (a scalar; a tensor, so no host sync)."""
+    r = rewards.view(-1, group_size)  # [B, G]
+    return (r.amax(dim=1) == r.amin(dim=1)).float().mean()

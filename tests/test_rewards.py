@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from gtacore.completions import Parsed
-from gtacore.rewards import batch_rewards, group_advantages, reward
+from gtacore.rewards import batch_rewards, group_advantages, reward, zero_variance_groups
 
 LABELS = ["joy", "sadness", "fear"]
 
@@ -78,3 +78,11 @@ def test_group_advantages_degenerate_groups():
         group_advantages(torch.ones(7), 4)
     with pytest.raises(ValueError):
         group_advantages(torch.ones(2, 4), 4)
+
+
+def test_zero_variance_groups_is_the_share_of_groups_with_zero_advantages():
+    g = torch.Generator().manual_seed(1)
+    rewards = torch.randint(0, 2, (40 * 3,), generator=g).float()  # B=40, G=3: some groups all equal
+    share = zero_variance_groups(rewards, 3).item()
+    zero_adv = [bool((a == 0).all()) for a in group_advantages(rewards, 3).view(-1, 3)]
+    assert share == pytest.approx(sum(zero_adv) / 40) and 0 < share < 1

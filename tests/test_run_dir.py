@@ -60,6 +60,7 @@ def test_a_fresh_run_into_a_run_folder_is_refused_and_changes_nothing(setup, run
     assert str(run_copy) in message and "--resume" in message and "--overwrite" in message
     assert {p.name: p.stat().st_mtime_ns for p in run_copy.iterdir()} == before
     assert _steps(run_copy / "metrics.jsonl") == [1, 2]
+    assert all(0 <= json.loads(line)["zero_variance_groups"] <= 1 for line in (run_copy / "metrics.jsonl").open())
 
 
 def test_replaying_a_run_config_into_its_own_folder_is_refused(setup, run_copy):
