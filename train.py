@@ -37,9 +37,8 @@ from gtacore.packing import RL_ROW, SFT_ROW, global_row_counts_, pack_prompts, p
 from gtacore.parallel import average_gradients, compute_precision, grad_norm_and_health, load_models, local, reshard
 from gtacore.progress import Progress
 from gtacore.reporting import Reporter
-from gtacore.run_dir import (STATE_JSON, RunFolderError, append_jsonl, check_fresh_run_dir, check_model_dir,
-                             checkpoint_dir, clear_run_dir, latest_checkpoint, remove_partial_checkpoints,
-                             resume_changes, trim_logs)
+from gtacore.run_dir import (append_jsonl, check_model_dir, checkpoint_dir, clear_run_dir, latest_checkpoint,
+                             open_run_dir, remove_partial_checkpoints, trim_logs)
 from gtacore.projection import apply_gradient_constraint
 from gtacore.prompts import make_prompts, print_dry_run, sft_targets
 from gtacore.rollout import rollout
@@ -156,7 +155,9 @@ def run(cfg: Config, info: DistInfo) -> None:
     tok = Tokenizer(model_path)
     tok.check_fits(models.ModelConfig.from_file(model_path).vocab_size, model_path)
     data = load_run_data(cfg, say)  # without --data: the bundled files, named in cfg as a saved run has them
-    resume_from = open_run_dir(cfg, say) if not cfg.run.dry_run else None
+    sync = torch.distributed.barrier if info.distributed else lambda: None
+    resume_from = None if cfg.run.dry_run else open_run_dir(out_dir, cfg.to_dict(), info.world_size, info.is_main,
+                                                            sync, say)
     sampler = BatchSampler(len(data.train.examples), cfg.rollout.batch_size, cfg.run.seed, info.rank, info.world_size,
                            source=D.data)
 
@@ -194,7 +195,8 @@ def run(cfg: Config, info: DistInfo) -> None:
         return report
 
     def save(path: Path, step: int) -> None:
-        state = {"step": step, "sampler": sampler.state_dict(), "bad_steps": bad_steps, "config": cfg.to_dict()}
+        state = {"step": step, "sampler": sampler.state_dict(), "bad_steps": bad_steps, "config": cfg.to_dict(),
+                 "world_size": info.world_size}
         save_training(path, policy, model_path, optimizer, state, info, dtype=cfg.run.save_dtype,
                       keep_last=cfg.run.save_total_limit, protect=[resume_from])
 
@@ -243,24 +245,6 @@ def run(cfg: Config, info: DistInfo) -> None:
     reporter.close()
     if info.is_main:
         print_summary(before, after, out_dir, f"{cfg.loss.mode} on {Path(D.data).name}", estimate["peak"], info.device)
-
-
-def open_run_dir(cfg: Config, say) -> Path | None:
-    """The checkpoint to resume from, or None for a fresh start. A fresh run refuses a folder that
-    holds another run (unless --overwrite); --resume refuses flags that change what the run is."""
-    out_dir = Path(cfg.run.output_dir)
-    if not cfg.run.resume:
-        check_fresh_run_dir(out_dir, cfg.run.overwrite)
-        return None
-    resume_from = latest_checkpoint(out_dir)
-    if resume_from is None:
-        say(f"--resume: no complete checkpoint in {out_dir}; starting fresh")
-        return None
-    changes = resume_changes(json.loads((resume_from / STATE_JSON).read_text()).get("config", {}), cfg.to_dict())
-    if changes:
-        raise RunFolderError(f"--resume: {out_dir} is a run with other settings ({'; '.join(changes)}). Resume it "
-                             "with its own, or start a new run in another --output-dir")
-    return resume_from
 
 
 def start_run_dir(out_dir: Path, config: dict, estimate: dict, start_step: int, say) -> None:

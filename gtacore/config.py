@@ -288,6 +288,8 @@ def parse_config(argv: list[str] | None = None, description: str = "") -> Config
     except ValueError as e:
         parser.error(str(e))
     given.pop("config", None)
+    for key in ("run.resume", "run.overwrite", "run.dry_run"):  # a replay never resumes or deletes by itself
+        from_file.pop(key, None)
     device = given.get("run.device", from_file.get("run.device")) or "cuda"
     gpu = torch.cuda.is_available() and not str(device).startswith("cpu")
     cfg = apply_flags(gpu_config() if gpu else Config(), from_file)

@@ -190,7 +190,7 @@ def config_from_args(args: argparse.Namespace) -> Config:
 
 
 def load_eval_set(cfg: Config) -> tuple[list[Example], list[str], list[Example]]:
-    """(examples, labels, worked examples) as train.py evaluates them (data.load_run_data); with
+    """(examples, labels, worked examples) as train.py evaluates them (run_data.load_run_data); with
     no training file, the labels come from the evaluation file and there are no worked examples."""
     D = cfg.data
     if D.data:

@@ -6,8 +6,8 @@ A data path is a file or a folder of Parquet/Arrow files, as the Hub and `datase
 Split names come from the file and folder names, and differently named splits are never merged:
 
 - files named by split: `SPLIT-00000-of-00002[-HASH].parquet` (the Hub's shards), or a split word
-  first (`train.parquet`, `test-0001.parquet`, `validation_part2.arrow`), at the root or under
-  `data/` (the Hub's Parquet export: `ROOT/data/train-00000-of-00001.parquet`);
+  as a part of the name (`train.parquet`, `test-0001.parquet`, `emotion-train.arrow`), at the root
+  or under `data/` (the Hub's Parquet export: `ROOT/data/train-00000-of-00001.parquet`);
 - one folder per split: `SPLIT/0000.parquet`, or `CONFIG/SPLIT/0000.parquet` (the Hub's
   refs/convert/parquet branch), or `save_to_disk` of a DatasetDict (`dataset_dict.json`, and per
   split a folder with `state.json`, `dataset_info.json` and `data-00000-of-00001.arrow`, an Arrow
@@ -40,11 +40,12 @@ class Rows(NamedTuple):
 
 
 COLUMNAR = (".parquet", ".arrow")
-SHARD = re.compile(r"(.+?)-\d+-of-\d+(?:-[0-9a-f]+)?")  # SPLIT-00000-of-00002[-HASH]: the Hub's shard names
-# Other file names that name a split: a split word, alone or before "-", "_" or "." (train.parquet,
-# test-0001.parquet). The words the Hub reads as splits; a file named otherwise names none.
-SPLIT_WORD = re.compile(r"(train|training|test|testing|validation|valid|val|dev|eval|evaluation)(?:[-_.].*)?",
-                        re.IGNORECASE)
+SHARD = re.compile(r"(.+?)-\d+-of-\d+(?:-[0-9a-f]+)?")  # NAME-00000-of-00002[-HASH]: the Hub's shard names
+# A file names a split by a split word (the Hub's), as a whole part of its name, with any "_part"s
+# after it: train.parquet, test-0001.parquet, emotion-train.arrow (the datasets cache),
+# validation_matched-00000-of-00001.parquet ("validation_matched"). Names are lowercased.
+SPLIT_WORD = re.compile(r"(?:^|[-_.])((?:train|training|test|testing|validation|valid|val|dev|eval|evaluation)"
+                        r"(?:_[a-z0-9]+)*)(?=$|[-.])", re.IGNORECASE)
 
 
 def read_rows(path: str | Path, fields: Sequence[str], encoding: str, splits: Sequence[str]) -> Rows:
@@ -109,13 +110,17 @@ def _splits(folder: Path) -> dict[str, list[Path]]:
 
 
 def _splits_by_name(folder: Path, files: list[Path]) -> dict[str, list[Path]]:
-    """Files in one folder by the split their names give; all of them one dataset if none names one."""
+    """Files in one folder by the split their names give: a split word, else differing shard
+    names (NAME-00000-of-00001: the Hub's custom splits); {"": files} when none names a split."""
     if (folder / "state.json").is_file():
         return {"": files}
     names = [_split_name(file.stem) for file in files]
     if not any(names):
-        return {"": files}
-    if not all(names):
+        shards = [SHARD.fullmatch(file.stem) for file in files]
+        if not all(shards) or len({m[1] for m in shards}) == 1:  # one dataset, maybe in shards
+            return {"": files}
+        names = [m[1] for m in shards]
+    elif not all(names):
         named, other = (next(f.name for f, n in zip(files, names) if bool(n) == want) for want in (True, False))
         raise DataError(f"{folder}: some files name a split ({named}) and others do not ({other}), so which rows "
                         "are training rows is unclear; move them into folders of their own")
@@ -127,10 +132,8 @@ def _splits_by_name(folder: Path, files: list[Path]) -> dict[str, list[Path]]:
 
 def _split_name(stem: str) -> str | None:
     shard = SHARD.fullmatch(stem)
-    if shard:
-        return shard[1]
-    word = SPLIT_WORD.fullmatch(stem)
-    return word[1] if word else None
+    word = SPLIT_WORD.search(shard[1] if shard else stem)
+    return word[1].lower() if word else None
 
 
 def _files(folder: Path) -> list[Path]:
@@ -279,7 +282,3 @@ def _class_names(schema, file: Path) -> dict[str, list[str]]:
     except (ValueError, KeyError, TypeError, AttributeError) as e:
         where = file if metadata else info
         raise DataError(f"{where}: malformed Hugging Face features ({type(e).__name__}: {e})") from None
-
-
-# ---------------------------------------------------------------------------
-# Batches and few-shot examples.

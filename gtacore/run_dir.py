@@ -17,7 +17,7 @@ import re
 import shutil
 import sys
 from pathlib import Path
-from typing import Iterable
+from typing import Callable, Iterable
 
 from .models.checkpoint import CheckpointError
 
@@ -158,8 +158,10 @@ def clear_run_dir(output_dir: str | Path) -> list[Path]:
     """Delete an earlier run's outputs (--overwrite); other files in the folder stay."""
     removed = run_outputs(output_dir)
     for p in removed:
-        if p.is_dir() and not p.is_symlink():
-            shutil.rmtree(p)
+        if p.is_dir() and not p.is_symlink():  # hidden first, as remove_old_checkpoints does: a kill
+            doomed = p.with_name(f".{p.name}{DELETING}{os.getpid()}")  # midway leaves no half-checkpoint
+            os.rename(p, doomed)
+            shutil.rmtree(doomed)
         else:
             p.unlink()
     return removed
@@ -172,7 +174,9 @@ def trim_logs(output_dir: str | Path, step: int) -> None:
         path = Path(output_dir) / name
         if path.is_file():
             kept = [line for line in path.read_text().splitlines(True) if _step(line) <= step]
-            path.write_text("".join(kept))
+            tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+            tmp.write_text("".join(kept))
+            os.replace(tmp, path)  # a kill leaves the old log or the new one, never half of one
 
 
 def _step(line: str) -> float:
@@ -193,9 +197,51 @@ def flag_name(key: str) -> str:
     return "--" + key.split(".")[-1].replace("_", "-")
 
 
-def resume_changes(saved: dict, now: dict) -> list[str]:
+def resume_changes(saved: dict, now: dict, saved_ranks: int | None, ranks: int) -> list[str]:
     """Where a resumed run's configuration (Config.to_dict()) differs from the saved run's outside
-    RESUMABLE, as "--mode 'gta' -> 'grpo'"."""
-    return [f"{flag_name(f'{section}.{name}')} {old!r} -> {now[section][name]!r}"
-            for section, fields in saved.items() for name, old in fields.items()
-            if name in now.get(section, {}) and f"{section}.{name}" not in RESUMABLE and now[section][name] != old]
+    RESUMABLE, as "--mode 'gta' -> 'grpo'". --batch-size is per rank: what must stay is the
+    global batch, so a run may resume on other rank counts (an old checkpoint that did not record
+    its ranks is taken to have had as many)."""
+    changes = [f"{flag_name(f'{section}.{name}')} {old!r} -> {now[section][name]!r}"
+               for section, fields in saved.items() for name, old in fields.items()
+               if name in now.get(section, {}) and f"{section}.{name}" not in (*RESUMABLE, "rollout.batch_size")
+               and now[section][name] != old]
+    old_batch, new_batch, saved_ranks = saved.get("rollout", {}).get("batch_size"), now["rollout"]["batch_size"], \
+        saved_ranks or ranks
+    if old_batch is not None and old_batch * saved_ranks != new_batch * ranks:
+        changes.append(f"--batch-size {old_batch} x {saved_ranks} rank(s) -> {new_batch} x {ranks} (the global batch)")
+    return changes
+
+
+def open_run_dir(output_dir: str | Path, config: dict, ranks: int, is_main: bool, sync: Callable[[], None],
+                 say) -> Path | None:
+    """The checkpoint a run resumes from, or None for a fresh start (`config`: Config.to_dict();
+    `sync`: a barrier of the ranks). A fresh run refuses a folder that holds another run unless
+    --overwrite; --resume refuses flags that change what the run is and a --max-steps below the
+    checkpoint's step, and ends a finished run at once (exit status 0: nothing to do)."""
+    out, run = Path(output_dir), config["run"]
+    if not run["resume"]:
+        check_fresh_run_dir(out, run["overwrite"])
+        return None
+    if is_main:  # a checkpoint a kill left moved aside goes back before any rank picks one
+        remove_partial_checkpoints(out)
+    sync()
+    resume_from = latest_checkpoint(out)
+    if resume_from is None:
+        if (out / "final").is_dir() and not run["overwrite"]:
+            raise RunFolderError(f"--resume: {out} holds final/ but no checkpoint to resume from; pass --overwrite "
+                                 "to start afresh there, or another --output-dir")
+        say(f"--resume: no complete checkpoint in {out}; starting fresh")
+        return None
+    state = json.loads((resume_from / STATE_JSON).read_text())
+    changes = resume_changes(state.get("config", {}), config, state.get("world_size"), ranks)
+    if changes:
+        raise RunFolderError(f"--resume: {out} is a run with other settings ({'; '.join(changes)}). Resume it "
+                             "with its own, or start a new run in another --output-dir")
+    step, max_steps = state["step"], config["optim"]["max_steps"]
+    if max_steps < step:
+        raise RunFolderError(f"--resume: {resume_from} is at step {step}, past --max-steps {max_steps}")
+    if max_steps == step and (out / "final").is_dir():
+        say(f"--resume: {out} finished at step {step}; nothing to do (a larger --max-steps trains on)")
+        raise SystemExit(0)
+    return resume_from

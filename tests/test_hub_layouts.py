@@ -29,6 +29,8 @@ def write_split(path, rows):
     "{split}-00000-of-00001-4f1c2a.parquet",  # shards at the root, hashed
     "{split}.parquet",  # a split word as the name
     "{split}-part1.parquet",  # SPLIT-*.parquet at the root
+    "{split}/part-00000-of-00001.parquet",  # shards of one split in its folder
+    "emotion-{split}.parquet",  # the datasets cache's naming
 ])
 def test_train_and_test_splits_stay_apart(tmp_path, layout):
     root = tmp_path / "export"
@@ -82,3 +84,18 @@ def test_files_that_name_no_split_are_one_dataset(tmp_path):
     write_split(root / "part-a.parquet", TRAIN)
     write_split(root / "part-b.parquet", TEST)
     assert texts(load_examples(root).examples) == [t for t, _ in TRAIN + TEST]
+
+
+def test_splits_that_share_a_word_stay_apart(tmp_path):
+    """MNLI's validation_matched and validation_mismatched; the Hub's custom split names."""
+    root = tmp_path / "mnli"
+    write_split(root / "data" / "train-00000-of-00001.parquet", TRAIN)
+    write_split(root / "data" / "validation_matched-00000-of-00001.parquet", TEST)
+    write_split(root / "data" / "validation_mismatched-00000-of-00001.parquet", VALIDATION)
+    assert texts(load_examples(f"{root}:validation_mismatched").examples) == [t for t, _ in VALIDATION]
+    custom = tmp_path / "custom"
+    write_split(custom / "sft-00000-of-00001.parquet", TRAIN)
+    write_split(custom / "prefs-00000-of-00001.parquet", TEST)
+    with pytest.raises(DataError, match=r"no split 'train'; the splits are \['prefs', 'sft'\]"):
+        load_examples(custom)
+    assert texts(load_examples(f"{custom}:sft").examples) == [t for t, _ in TRAIN]

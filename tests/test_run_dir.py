@@ -118,3 +118,45 @@ def test_saved_folders_follow_the_umask(setup, tmp_path):
         assert stat.S_IMODE(folder.stat().st_mode) == 0o755, folder
         for f in folder.iterdir():
             assert stat.S_IMODE(f.stat().st_mode) == 0o644, f
+
+
+def test_resume_of_a_finished_run_has_nothing_to_do(setup, run_copy):
+    before = (run_copy / "metrics.jsonl").read_text(), (run_copy / "eval.jsonl").read_text()
+    with pytest.raises(SystemExit) as done:
+        train.main(_args(setup, run_copy, 2, "--resume"))
+    assert done.value.code == 0
+    assert ((run_copy / "metrics.jsonl").read_text(), (run_copy / "eval.jsonl").read_text()) == before
+
+
+def test_resume_refuses_max_steps_below_the_checkpoint(setup, run_copy):
+    with pytest.raises(RunFolderError, match=r"checkpoint-2 is at step 2, past --max-steps 1"):
+        train.main(_args(setup, run_copy, 1, "--resume"))
+
+
+def test_resume_without_a_checkpoint_keeps_a_finished_final(setup, run_copy):
+    for ckpt in run_copy.glob("checkpoint-*"):
+        shutil.rmtree(ckpt)
+    with pytest.raises(RunFolderError, match=r"holds final/ but no checkpoint to resume from; pass --overwrite"):
+        train.main(_args(setup, run_copy, 2, "--resume"))
+    assert (run_copy / "final" / "model.safetensors").is_file()
+
+
+def test_a_replayed_config_never_resumes_or_overwrites_by_itself(run_copy):
+    from gtacore.config import parse_config
+
+    saved = json.loads((run_copy / "config.json").read_text())
+    saved["run"].update(overwrite=True, resume=True)
+    (run_copy / "replay.json").write_text(json.dumps(saved))
+    cfg = parse_config(["--config", str(run_copy / "replay.json")])
+    assert not cfg.run.overwrite and not cfg.run.resume
+
+
+def test_resume_keeps_the_global_batch_on_other_rank_counts():
+    from gtacore.config import Config
+    from gtacore.run_dir import resume_changes
+
+    saved, now = Config().to_dict(), Config().to_dict()
+    saved["rollout"]["batch_size"], now["rollout"]["batch_size"] = 2, 4
+    assert resume_changes(saved, now, 2, 1) == []  # 2 prompts x 2 ranks = 4 x 1
+    assert resume_changes(saved, now, 2, 2) == ["--batch-size 2 x 2 rank(s) -> 4 x 2 (the global batch)"]
+    assert resume_changes(saved, saved, None, 8) == []  # an old checkpoint: its rank count unknown

@@ -18,7 +18,7 @@ from train_fixtures import write_dataset, write_tiny_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 ENTRY_POINTS = ("gtacore.evaluate", "gtacore.plot", "gtacore.memory", "gtacore.models.demo",
-                "gtacore.models.convert_gguf")
+                "gtacore.models.convert_gguf", "gtacore.models.tiny")
 
 
 def run(cmd: list[str], cwd: Path, **env) -> subprocess.CompletedProcess:
