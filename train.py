@@ -24,10 +24,10 @@ import torch
 from gtacore import models
 from gtacore.batches import BatchSampler
 from gtacore.checkpointing import TrainingError, load_trainer_state, save_training
-from gtacore.rewards import batch_rewards, group_advantages, load_reward_fn, zero_variance_groups
+from gtacore.rewards import batch_rewards, group_advantages, label_balance, load_reward_fn, zero_variance_groups
 from gtacore.config import Config, parse_config
 from gtacore.run_data import load_run_data
-from gtacore.distributed import DistInfo, init_distributed, shutdown
+from gtacore.distributed import DistInfo, init_distributed, shutdown, summed_over_ranks
 from gtacore.errors import main_with_user_errors
 from gtacore.evaluate import evaluate_with
 from gtacore.losses import Branch, forward_backward, logprobs
@@ -81,6 +81,9 @@ def train_step(cfg: Config, step: int, policy, rollout_model, ref_model, tok, pr
         rewards, parsed = batch_rewards(ro.texts, golds, labels, L.mode, L.w_format, L.w_acc,
                                         load_reward_fn(L.reward_fn) if L.reward_fn else None, step=step + 1)
         advantages = group_advantages(rewards, G, scale_std=L.scale_std)
+        if L.balance_labels:  # each gold label's rollouts pull with equal total weight (docs/method.md)
+            units = [float(any(m)) if L.agg == "seq_mean" else float(sum(m)) for m in ro.rl_masks]
+            advantages = advantages * label_balance(golds, units, labels, summed_over_ranks(info))
         metrics.add(zero_variance_groups=zero_variance_groups(rewards, G))  # groups with no RL signal
         metrics.rollout(rewards, parsed, golds, labels, ro.num_tokens, clock.seconds["rollout"], L.mode)
     # The loss rows: each prompt once (shared prefix), then its SFT target and its G completions.

@@ -89,6 +89,7 @@ class LossArgs:
                                  "on any number of ranks (0 = prompts x G x max_new_tokens, prompts over all ranks)",
                                  **NONNEGATIVE)
     scale_std: bool = opt(True, "divide advantages by the group std (off = Dr. GRPO)")
+    balance_labels: bool = opt(False, "every gold label in a step's batch pulls the RL loss with equal total weight")
     w_format: float = opt(1.0, "reward weight of a well-formed completion", **NONNEGATIVE)
     w_acc: float = opt(1.0, "reward weight of a correct answer", **NONNEGATIVE)
     reward_fn: str | None = opt(None, "your own reward instead of w_format * format_ok + w_acc * correct: "
@@ -147,8 +148,8 @@ class RunArgs:
     shard: str = opt("ddp", "ddp: every rank holds the whole model and optimizer; fsdp: FSDP2 shards them per block", ("ddp", "fsdp"))
     dist_timeout: float = opt(1800.0, "seconds a collective may wait for the other ranks before the run fails; keep it above a checkpoint write, which the other ranks wait for", low=0, above=True)
     progress: bool = opt(True, "show a progress bar on rank 0")
-    collapse_share: float = opt(0.8, "warn (on the progress line and in the log) when one label takes more than this "
-                                "share of a step's answers...", low=0, above=True)
+    collapse_share: float = opt(0.8, "warn when one label takes more than this share of a step's answers...",
+                                low=0, above=True)
     collapse_steps: int = opt(3, "...for this many steps in a row (0 = never warn)", **NONNEGATIVE)
     report_to: str = opt("none", "live metrics, comma-separated: none, tensorboard (OUTPUT_DIR/tensorboard), wandb "
                          "(WANDB_MODE=offline works without network); metrics.jsonl is written either way")

@@ -9,6 +9,7 @@ import gc
 import os
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -54,6 +55,19 @@ def init_distributed(device: str | None = None, timeout_s: float = 600.0, need_g
         dev = torch.device("cpu")
         dist.init_process_group("gloo", timeout=timeout)
     return DistInfo(rank, world, local, dev)
+
+
+def summed_over_ranks(info: DistInfo) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """A function that sums a small CPU tensor over the ranks (None in one process)."""
+    if not info.distributed:
+        return None
+
+    def summed(t: torch.Tensor) -> torch.Tensor:
+        t = t.to(info.device)
+        dist.all_reduce(t)
+        return t.cpu()
+
+    return summed
 
 
 def shutdown(info: DistInfo) -> None:

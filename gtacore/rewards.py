@@ -132,3 +132,26 @@ def zero_variance_groups(rewards: torch.Tensor, group_size: int) -> torch.Tensor
     advantages are zero, so they carry no RL signal (a scalar; a tensor, so no host sync)."""
     r = rewards.view(-1, group_size)  # [B, G]
     return (r.amax(dim=1) == r.amin(dim=1)).float().mean()
+
+
+def label_balance(golds: list[str], units: list[float], labels: list[str],
+                  all_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+    """Per-rollout factors [N] for the advantages (--balance-labels) that give every gold label in
+    the batch the same total weight in the RL loss, whatever its count.
+
+    units[i]: rollout i's weight in the loss's aggregation before balancing, up to a constant
+    (its RL tokens for token_mean and constant, 1 per sequence with RL tokens for seq_mean). With
+    U_y the units of gold label y, U their sum and K the labels with U_y > 0, rollout i is scaled
+    by U / (K * U_y(i)): label y's share of the policy-gradient term, U_y / U, becomes 1 / K. A
+    batch with one label, or with equal units per label, is left as it is (factors 1).
+    `all_reduce` sums the per-label units over ranks (DDP), so every rank scales by the global batch.
+    """
+    index = {label: k for k, label in enumerate(labels)}
+    per_label = torch.zeros(len(labels), dtype=torch.float64)
+    for gold, u in zip(golds, units):
+        per_label[index[gold]] += u
+    if all_reduce is not None:
+        per_label = all_reduce(per_label)
+    present = per_label > 0
+    scale = torch.where(present, per_label.sum() / (present.sum() * per_label).clamp(min=1e-12), 0.0)  # [labels]
+    return scale[[index[gold] for gold in golds]].float()
