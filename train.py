@@ -35,6 +35,7 @@ from gtacore.memory import estimate_for_run, format_estimate
 from gtacore.metrics import CollapseWatch, StepMetrics, Stopwatch, print_summary
 from gtacore.packing import RL_ROW, SFT_ROW, global_row_counts_, pack_prompts, pack_rows
 from gtacore.parallel import average_gradients, compute_precision, grad_norm_and_health, load_models, local, reshard
+from gtacore.probe import Probe, make_probe, probe_examples, probe_shares
 from gtacore.progress import Progress
 from gtacore.reporting import Reporter
 from gtacore.run_dir import (append_jsonl, check_model_dir, checkpoint_dir, clear_run_dir, latest_checkpoint,
@@ -63,16 +64,24 @@ def step_generator(cfg: Config, step: int, info: DistInfo) -> torch.Generator:
     return g
 
 
-def train_step(cfg: Config, step: int, policy, rollout_model, ref_model, tok, prompts, labels, optimizer, info: DistInfo) -> dict:
+def train_step(cfg: Config, step: int, policy, rollout_model, ref_model, tok, prompts, labels, optimizer, info: DistInfo,
+               probe: Probe | None = None) -> dict:
     """One batch of rollouts and `num_iterations` optimizer updates; returns the step's metrics.
 
     `rollout_model` generates (the policy itself, or its whole copy under FSDP). An update
     whose loss or gradient is not finite is not applied: the step ends there, skipped = 1.
+    `probe`: the greedy probe, run on the policy entering the step every --probe-every steps.
     """
     L, R, G, dev = cfg.loss, cfg.rollout, cfg.rollout.group_size, info.device
     params = [p for group in optimizer.param_groups for p in group["params"]]  # FSDP: not a module's gathered copy
     autocast = compute_precision(cfg.model.precision, dev)  # bf16-mixed: bf16 compute, fp32 weights and grads
-    clock, metrics = Stopwatch("rollout", "ref_old_logprobs", "forward_backward", "constraint", "optimizer"), StepMetrics()
+    clock, metrics = Stopwatch("probe", "rollout", "ref_old_logprobs", "forward_backward", "constraint", "optimizer"), \
+        StepMetrics()
+    if probe is not None and step % cfg.run.probe_every == 0:
+        with clock("probe"), autocast:
+            metrics.add(**probe_shares(policy if rollout_model is None else rollout_model, probe))
+        if rollout_model is None and cfg.run.shard == "fsdp":
+            reshard(policy)  # no backward frees the gathered root weights of that forward
     settings = L.settings(R.temperature, R.batch_size * G * R.max_new_tokens, info.world_size)
     if L.mode != "sft":  # RL: G sampled completions per prompt, rewarded, advantages within each group
         with clock("rollout"), autocast:
@@ -158,9 +167,7 @@ def run(cfg: Config, info: DistInfo) -> None:
     tok = Tokenizer(model_path)
     tok.check_fits(models.ModelConfig.from_file(model_path).vocab_size, model_path)
     data = load_run_data(cfg, say)  # without --data: the bundled files, named in cfg as a saved run has them
-    sync = torch.distributed.barrier if info.distributed else lambda: None
-    resume_from = None if cfg.run.dry_run else open_run_dir(out_dir, cfg.to_dict(), info.world_size, info.is_main,
-                                                            sync, say)
+    resume_from = None if cfg.run.dry_run else open_run_dir(out_dir, cfg.to_dict(), info, say)
     sampler = BatchSampler(len(data.train.examples), cfg.rollout.batch_size, cfg.run.seed, info.rank, info.world_size,
                            source=D.data)
 
@@ -211,6 +218,8 @@ def run(cfg: Config, info: DistInfo) -> None:
     reporter = Reporter(cfg.run.report_to if info.is_main else "none", out_dir, cfg.to_dict(), cfg.run.wandb_project,
                         cfg.run.run_name)
     before = run_eval("before", start_step) if start_step == 0 else None
+    probe = make_probe(tok, prompts_for(probe_examples(data.train.examples, cfg.run.probe_prompts, cfg.run.seed)),
+                       data.labels, cfg.loss.mode, cfg.loss.shared_prefix, info.device) if cfg.run.probe_every else None
 
     # --- loop ---
     bar = Progress(cfg.optim.max_steps - start_step, "train", enabled=cfg.run.progress and info.is_main)
@@ -219,7 +228,7 @@ def run(cfg: Config, info: DistInfo) -> None:
         t0 = time.perf_counter()
         prompts = prompts_for([data.train.examples[i] for i in sampler.next_batch()])
         gen_model = rollout_model() if cfg.loss.mode != "sft" else None
-        metrics = train_step(cfg, step, policy, gen_model, ref_model, tok, prompts, data.labels, optimizer, info)
+        metrics = train_step(cfg, step, policy, gen_model, ref_model, tok, prompts, data.labels, optimizer, info, probe)
         bad_steps = bad_steps + 1 if metrics["skipped"] else 0
         metrics.update(step=step + 1, time_step=time.perf_counter() - t0, bad_steps_in_a_row=bad_steps)
         if info.is_main:

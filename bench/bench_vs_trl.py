@@ -111,7 +111,8 @@ def ours_command(args, mode: str, out: Path) -> list[str]:
              "w-acc": s["w_acc"], "lr": args.lr, "weight-decay": s["weight_decay"], "schedule": "constant",
              "warmup-steps": 0, "max-grad-norm": s["max_grad_norm"], "max-steps": args.steps, "seed": s["seed"],
              "output-dir": out}
-    return [sys.executable, str(REPO / "train.py"), *as_flags(flags), "--no-progress", "--overwrite"]
+    return [sys.executable, str(REPO / "train.py"), *as_flags(flags), "--no-progress", "--overwrite",
+            "--probe-every", "0"]  # TRL has no greedy probe
 
 
 def trl_command(args, out: Path) -> list[str]:

@@ -19,7 +19,7 @@ from gtacore.kernels import LossSettings
 
 from .config_file import base_type, read_sections
 from .rewards import load_reward_fn
-from .run_dir import RESUMABLE, flag_name
+from .run_dir import RESUME_HELP
 from .reporting import report_to_problems
 
 
@@ -30,6 +30,7 @@ def opt(default: Any, help: str, choices: tuple | None = None, low: float | None
 
 
 PRECISIONS = ("fp32", "bf16-mixed", "bf16-true")
+CONSTRAINTS = ("none", "gate", "project")
 POSITIVE = dict(low=1)  # counts and sizes
 NONNEGATIVE = dict(low=0)
 
@@ -97,10 +98,8 @@ class LossArgs:
                                 "one float per completion (README, 'Your own reward')")
     lambda_sft: float = opt(1.0, "weight of the SFT loss", **NONNEGATIVE)
     lambda_rl: float = opt(1.0, "weight of the RL loss", **NONNEGATIVE)
-    constraint: str = opt("project", "gradient constraint between SFT and RL gradients; each step logs grad_cosine, "
-                          "conflict_fraction (the share of parameter tensors whose SFT and RL gradients point against "
-                          "each other) and conflict_fraction_elements (the same share weighted by element count)",
-                          ("none", "gate", "project"))
+    constraint: str = opt("project", "gradient constraint between SFT and RL gradients (each step logs grad_cosine and "
+                          "conflict_fraction: the share of parameter tensors where they point apart)", CONSTRAINTS)
     granularity: str = opt("per_param", "decide per parameter tensor or on the whole model", ("per_param", "global"))
     shared_prefix: bool = opt(True, "run each prompt once for all its continuations (off: every sequence in full)")
 
@@ -128,10 +127,7 @@ class OptimArgs:
 class RunArgs:
     output_dir: str = opt("runs/gta", "metrics.jsonl, checkpoints and evaluation results go here; a folder holding "
                           "another run is refused (see --resume, --overwrite)")
-    resume: bool = opt(False, "continue the run in --output-dir from its last complete checkpoint. Only these flags "
-                       "may differ from the run's: " + ", ".join(flag_name(k) for k in RESUMABLE if k not in (
-                           "run.output_dir", "run.resume", "run.overwrite", "run.dry_run")) + " (with --schedule cosine, a new "
-                       "--max-steps stretches the schedule)")
+    resume: bool = opt(False, RESUME_HELP)
     overwrite: bool = opt(False, "start afresh in an --output-dir that holds a run: its logs, checkpoints and final/ "
                           "are deleted once this run's configuration, model and data have been checked")
     eval_every: int = opt(0, "evaluate every N steps (0 = only before and after training)", **NONNEGATIVE)
@@ -151,6 +147,9 @@ class RunArgs:
     collapse_share: float = opt(0.8, "warn when one label takes more than this share of a step's answers...",
                                 low=0, above=True)
     collapse_steps: int = opt(3, "...for this many steps in a row (0 = never warn)", **NONNEGATIVE)
+    probe_every: int = opt(4, "every N steps, the greedy probe: each label's share of the policy's best-scoring "
+                           "label on a fixed batch of training prompts, one teacher-forced pass (0 = off)", **NONNEGATIVE)
+    probe_prompts: int = opt(24, "training prompts in the greedy probe's fixed batch", **POSITIVE)
     report_to: str = opt("none", "live metrics, comma-separated: none, tensorboard (OUTPUT_DIR/tensorboard), wandb "
                          "(WANDB_MODE=offline works without network); metrics.jsonl is written either way")
     wandb_project: str | None = opt(None, "W&B project (default: gtacore)")

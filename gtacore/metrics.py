@@ -137,21 +137,27 @@ def majority(report: dict, kind: str = "answer") -> tuple[str | None, float]:
 class CollapseWatch:
     """Warns while one label takes more than `share` of the answers for `steps` steps in a row.
     The mean reward can rise while a policy collapses onto one label (it learns the format), so
-    this watches the answers themselves."""
+    this watches the answers themselves: the sampled ones of each step, and the greedy probe's
+    (gtacore.probe), whose latest result stands until the next probe. Greedy answers, which
+    users deploy, can collapse while the sampled ones still vary."""
 
     def __init__(self, share: float, steps: int):
-        self.share, self.steps, self.label, self.run = share, steps, None, 0
+        self.share, self.steps, self.label, self.run, self.probe = share, steps, None, 0, {}
 
     def update(self, metrics: dict) -> str | None:
         """A step's metrics -> a warning naming the label, or None."""
-        label, share = majority(metrics)
+        self.probe = {k: v for k, v in metrics.items() if k.startswith("probe_share/")} or self.probe
+        (label, share), where = majority(metrics), "sampled answers"
+        probe_label, probe_share = majority(self.probe, "probe")
+        if probe_share > share:
+            label, share, where = probe_label, probe_share, "greedy probe's answers"
         over = label is not None and share > self.share
         self.run = self.run + 1 if over and label == self.label else int(over)
         self.label = label if over else None
         if not self.steps or self.run < self.steps:
             return None
         gold = metrics.get(f"gold_share/{label}") or 0.0
-        return (f"label collapse? '{label}' took {share:.0%} of the answers for {self.run} steps in a row "
+        return (f"label collapse? '{label}' took {share:.0%} of the {where} for {self.run} steps in a row "
                 f"(its gold share this step: {gold:.0%})")
 
 

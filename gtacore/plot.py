@@ -40,7 +40,7 @@ def plot_runs(run_dirs: list[str | Path], out: str | Path, title: str = "") -> P
     except ImportError as e:
         raise SystemExit("plotting needs matplotlib: pip install matplotlib") from e
     panels = [("reward_mean", "train reward (mean)"), ("format_rate", "train format rate"), ("accuracy", "eval accuracy"),
-              ("majority_label_share", "train majority label share")]
+              ("majority_label_share", "majority label share (dashed: greedy probe)")]
     fig, axes = plt.subplots(1, len(panels) + 1, figsize=(5 * (len(panels) + 1), 3.6))
     for i, run in enumerate(map(Path, run_dirs)):
         label, color = run.name, f"C{i}"  # one color per run on every panel
@@ -52,6 +52,10 @@ def plot_runs(run_dirs: list[str | Path], out: str | Path, title: str = "") -> P
             if points:
                 xs, ys = zip(*points)
                 ax.plot(xs, ys, marker="o" if len(xs) < 30 else None, label=label, color=color)
+            probe = [(r["step"], r["probe_majority_share"]) for r in rows if key == "majority_label_share"
+                     and r.get("probe_majority_share") is not None]
+            if probe:  # the greedy probe's, dashed beside the sampled answers'
+                ax.plot(*zip(*probe), linestyle="--", marker="x", color=color)
             ax.set_title(name)
             ax.set_xlabel("step")
             ax.grid(alpha=0.3)

@@ -17,7 +17,9 @@ import re
 import shutil
 import sys
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Iterable
+
+import torch.distributed as dist
 
 from .models.checkpoint import CheckpointError
 
@@ -121,7 +123,18 @@ OUTPUTS = (*LOGS, "config.json", "memory_estimate.json", "curves.png", "tensorbo
 RESUMABLE = ("optim.max_steps", "optim.max_bad_steps", "rollout.cuda_graph", *(f"run.{n}" for n in (
     "output_dir", "resume", "overwrite", "eval_every", "save_every", "save_total_limit", "save_dtype", "eval_batch_size",
     "device", "activation_checkpointing", "shard", "dist_timeout", "progress", "collapse_share", "collapse_steps",
-    "report_to", "wandb_project", "run_name", "dry_run")))
+    "report_to", "wandb_project", "run_name", "dry_run", "probe_every", "probe_prompts")))
+
+
+def flag_name(key: str) -> str:
+    """"optim.max_steps" -> "--max-steps"."""
+    return "--" + key.split(".")[-1].replace("_", "-")
+
+
+RESUME_HELP = ("continue the run in --output-dir from its last complete checkpoint. Only these flags may differ from "
+               "the run's: " + ", ".join(flag_name(k) for k in RESUMABLE if k not in (
+                   "run.output_dir", "run.resume", "run.overwrite", "run.dry_run"))
+               + " (with --schedule cosine, a new --max-steps stretches the schedule)")
 
 
 class RunFolderError(ValueError):
@@ -192,11 +205,6 @@ def append_jsonl(path: Path, record: dict) -> None:
         f.write(json.dumps(record) + "\n")
 
 
-def flag_name(key: str) -> str:
-    """"optim.max_steps" -> "--max-steps"."""
-    return "--" + key.split(".")[-1].replace("_", "-")
-
-
 def resume_changes(saved: dict, now: dict, saved_ranks: int | None, ranks: int) -> list[str]:
     """Where a resumed run's configuration (Config.to_dict()) differs from the saved run's outside
     RESUMABLE, as "--mode 'gta' -> 'grpo'". --batch-size is per rank: what must stay is the
@@ -213,19 +221,19 @@ def resume_changes(saved: dict, now: dict, saved_ranks: int | None, ranks: int) 
     return changes
 
 
-def open_run_dir(output_dir: str | Path, config: dict, ranks: int, is_main: bool, sync: Callable[[], None],
-                 say) -> Path | None:
+def open_run_dir(output_dir: str | Path, config: dict, info, say) -> Path | None:
     """The checkpoint a run resumes from, or None for a fresh start (`config`: Config.to_dict();
-    `sync`: a barrier of the ranks). A fresh run refuses a folder that holds another run unless
+    `info`: the ranks, a gtacore.distributed.DistInfo). A fresh run refuses a folder that holds another run unless
     --overwrite; --resume refuses flags that change what the run is and a --max-steps below the
     checkpoint's step, and ends a finished run at once (exit status 0: nothing to do)."""
     out, run = Path(output_dir), config["run"]
     if not run["resume"]:
         check_fresh_run_dir(out, run["overwrite"])
         return None
-    if is_main:  # a checkpoint a kill left moved aside goes back before any rank picks one
+    if info.is_main:  # a checkpoint a kill left moved aside goes back before any rank picks one
         remove_partial_checkpoints(out)
-    sync()
+    if info.distributed:
+        dist.barrier()
     resume_from = latest_checkpoint(out)
     if resume_from is None:
         if (out / "final").is_dir() and not run["overwrite"]:
@@ -234,7 +242,7 @@ def open_run_dir(output_dir: str | Path, config: dict, ranks: int, is_main: bool
         say(f"--resume: no complete checkpoint in {out}; starting fresh")
         return None
     state = json.loads((resume_from / STATE_JSON).read_text())
-    changes = resume_changes(state.get("config", {}), config, state.get("world_size"), ranks)
+    changes = resume_changes(state.get("config", {}), config, state.get("world_size"), info.world_size)
     if changes:
         raise RunFolderError(f"--resume: {out} is a run with other settings ({'; '.join(changes)}). Resume it "
                              "with its own, or start a new run in another --output-dir")

@@ -96,3 +96,76 @@ def test_a_collapsing_run_logs_it_and_warns(setup, tmp_path, monkeypatch, capsys
         assert {f"recall/{c}" for c in LABELS} | {f"answer_share/{c}" for c in LABELS} <= set(e)
         assert ("answer_label_entropy" in e) == any(e[f"answer_share/{c}"] > 0 for c in LABELS)
         assert {f"guess_share/{c}" for c in LABELS} <= set(e)
+
+
+def _probe_reference(model, tok, prompts, labels, mode):
+    """Each prompt's score of each label [P, L], from full forwards of prompt + target, one at a time."""
+    from gtacore.completions import format_target
+    from gtacore.prompts import sft_target_ids
+
+    table = []
+    for p in prompts:
+        scores = []
+        for label in labels:
+            if mode == "grpo":
+                ids = tok.encode(format_target(label, mode))
+                mask = [True] * len(ids)
+            else:
+                ids, mask = sft_target_ids(tok, p.text, label, mode)
+            seq = torch.tensor([p.ids + ids])
+            with torch.no_grad():
+                logp = torch.log_softmax(model(seq)[0].double(), -1)  # [T, V]
+            at = [len(p.ids) + j - 1 for j in range(len(ids))]  # position predicting target token j
+            scores.append(sum(logp[a, t].item() for a, t, m in zip(at, ids, mask) if m))
+        table.append(scores)
+    return torch.tensor(table, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("mode, shared", [("gta", True), ("gta", False), ("sft", True), ("grpo", True)])
+def test_probe_picks_each_prompts_best_scoring_label(setup, mode, shared):
+    from gtacore import models
+    from gtacore.data import Example
+    from gtacore.models.tokenizer import Tokenizer
+    from gtacore.probe import make_probe, probe_scores, probe_shares
+    from gtacore.prompts import make_prompts
+
+    model_dir, _, _ = setup
+    model, tok = models.load_pretrained(model_dir), Tokenizer(model_dir)
+    with torch.no_grad():  # a policy with real preferences: an untrained model prefers one label everywhere
+        model.lm_head.weight.add_(0.5 * torch.randn_like(model.lm_head.weight, generator=torch.Generator().manual_seed(3)))
+    examples = [Example(f"I feel {w} about item {i}.", "joy", f"x:{i}") for i, w in enumerate(["glad", "mad", "scared",
+                                                                                              "nervous", "great"])]
+    prompts = make_prompts(tok, examples, LABELS, mode, [], 1024)
+    probe = make_probe(tok, prompts, LABELS, mode, shared, "cpu")
+    want = _probe_reference(model, tok, prompts, LABELS, mode)
+    torch.testing.assert_close(probe_scores(model, probe).double(), want, rtol=1e-5, atol=1e-4)
+    got, best = probe_shares(model, probe), want.argmax(dim=1).tolist()
+    for k, label in enumerate(LABELS):
+        assert got[f"probe_share/{label}"].item() == pytest.approx(best.count(k) / len(prompts))
+    assert got["probe_majority_share"].item() == pytest.approx(max(best.count(k) for k in range(3)) / len(prompts))
+
+
+def test_collapse_watch_keeps_the_latest_probe_between_probes():
+    watch = CollapseWatch(share=0.8, steps=2)
+    varied = {f"answer_share/{c}": 1 / 3 for c in LABELS}
+    probed = varied | {f"probe_share/{c}": (0.9 if c == "fear" else 0.05) for c in LABELS}
+    assert watch.update(probed) is None
+    warning = watch.update(varied)  # no probe this step: the last one stands
+    assert "'fear'" in warning and "greedy probe's answers" in warning and "2 steps in a row" in warning
+
+
+def test_the_probe_runs_every_n_steps_and_is_timed(setup, tmp_path):
+    model, data, _ = setup
+    train.main(["--model", str(model), "--data", str(data), "--max-steps", "3", "--output-dir", str(tmp_path),
+                "--batch-size", "2", "--group-size", "2", "--max-new-tokens", "6", "--no-progress", "--device", "cpu",
+                "--probe-every", "2", "--probe-prompts", "5"])
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    probed = [r["step"] for r in rows if "probe_majority_share" in r]
+    assert probed == [1, 3]  # the policy entering steps 1 and 3
+    for r in rows:
+        shares = [r.get(f"probe_share/{c}") for c in LABELS]
+        if r["step"] in probed:
+            assert sum(shares) == pytest.approx(1.0) and r["time_probe"] > 0
+            assert r["probe_majority_share"] == pytest.approx(max(shares))
+        else:
+            assert shares == [None] * 3 and r["time_probe"] == 0
