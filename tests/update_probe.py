@@ -39,8 +39,8 @@ def record_updates():
 def scripted_rewards():
     rule = train.batch_rewards
 
-    def rewards(texts, golds, labels, mode, w_format, w_acc, reward_fn=None):
-        _, parsed = rule(texts, golds, labels, mode, w_format, w_acc, reward_fn)
+    def rewards(texts, golds, labels, mode, w_format, w_acc, reward_fn=None, step=None):
+        _, parsed = rule(texts, golds, labels, mode, w_format, w_acc, reward_fn, step=step)
         return torch.tensor([zlib.crc32(t.encode()) % 3 / 2 for t in texts], dtype=torch.float32), parsed
 
     train.batch_rewards = rewards
