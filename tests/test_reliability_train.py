@@ -261,7 +261,8 @@ def test_soak_kill_and_resume_matches_an_unbroken_run(setup, tmp_path):
     model, data, _ = setup
     args = lambda out: ["--model", str(model), "--data", str(data), "--max-steps", "200", "--output-dir", str(out),  # noqa: E731
                         "--batch-size", "1", "--group-size", "2", "--max-new-tokens", "6", "--lr", "1e-3", "--beta", "0.05",
-                        "--num-iterations", "2", "--save-every", "10", "--no-progress", "--device", "cpu"]
+                        "--num-iterations", "2", "--save-every", "10", "--no-progress", "--device", "cpu",
+                        "--probe-every", "20"]  # the greedy probe too, but not at its default cadence of 4
     seed = int(os.environ.get("GTACORE_SOAK_SEED", random.randrange(10**6)))
     kill_after = random.Random(seed).randint(15, 185)
     print(f"GTACORE_SOAK_SEED={seed}: killing after step {kill_after}")
@@ -288,6 +289,8 @@ def test_soak_kill_and_resume_matches_an_unbroken_run(setup, tmp_path):
                              capture_output=True, text=True, timeout=1800)
         assert res.returncode == 0, res.stderr[-3000:]
     assert _same_weights(out / "final", tmp_path / "unbroken" / "final"), f"GTACORE_SOAK_SEED={seed}"
+    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, 201)), f"GTACORE_SOAK_SEED={seed}: the resumed log repeats or lacks steps"
     shutil.rmtree(tmp_path, ignore_errors=True)
 
 
